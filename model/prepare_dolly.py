@@ -1,0 +1,417 @@
+"""
+Tokenize the Databricks Dolly-15k instruction dataset into uint16 shards for finetune_dolly.py.
+
+Source: https://huggingface.co/datasets/databricks/databricks-dolly-15k
+License: CC BY-SA 3.0, (c) 2023 Databricks, Inc.; some categories quote Wikipedia (CC BY-SA 3.0).
+Fields: instruction, context (may be empty), response, category (8 categories).
+
+Each record becomes one example, rendered with the prompt template below and ended by <|endoftext|>:
+
+    ### Instruction:
+    {instruction}
+
+    ### Context:            <- only when the record has a context
+    {context}
+
+    ### Response:
+    {response}<|endoftext|>
+
+Output in --output_dir (default dolly15k/):
+    dolly_{split}_{k:06d}.npy           uint16 GPT-2 token ids, examples packed back to back
+    dolly_{split}_mask_{k:06d}.npy      uint8, 1 where the token is response text or its closing EOT
+    dolly_{split}_category_{k:06d}.npy  uint8, index into manifest["categories"] for every token
+    manifest.json                       source hash, template, counts, tokenizer, shard list
+
+Run:
+    python model/prepare_dolly.py                        # Hub, else the bundled sample (offline)
+    python model/prepare_dolly.py --input dolly.jsonl    # a local copy of databricks-dolly-15k.jsonl
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# constants
+
+HF_DATASET = "databricks/databricks-dolly-15k"
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED_SAMPLE = os.path.join(HERE, "..", "dolly15k", "dolly_sample.jsonl")
+BUNDLED_RANKS = os.path.join(HERE, "gpt2.tiktoken")
+# sha256 of tiktoken's r50k_base.tiktoken, whose ranks are those of the "gpt2" encoding
+BUNDLED_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+EOT = 50256  # <|endoftext|>
+VOCAB_SIZE = 50257
+SHARD_SIZE = 10_000_000  # tokens per shard, as the user's guide says for instruction data
+MANIFEST_VERSION = 1
+FIELDS = ("instruction", "context", "response", "category")
+
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_TEMPLATE_WITH_CONTEXT = "### Instruction:\n{instruction}\n\n### Context:\n{context}\n\n### Response:\n"
+
+
+class DataError(Exception):
+    """A problem with the user's input or output location; main() prints it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# template and tokenizer (imported by finetune_dolly.py and chat.py)
+
+def format_prompt(instruction, context=""):
+    """The text the model sees before the response. The response follows it directly."""
+    instruction, context = instruction.strip(), context.strip()
+    if context:
+        return PROMPT_TEMPLATE_WITH_CONTEXT.format(instruction=instruction, context=context)
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def get_tokenizer(verbose=True):
+    """tiktoken's GPT-2 encoding; when it cannot be downloaded, the same ranks from model/gpt2.tiktoken."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no internet (compute nodes, CI): tiktoken raises a requests error
+        reason = f"{type(e).__name__}"
+    with open(BUNDLED_RANKS, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != BUNDLED_RANKS_SHA256:
+        raise DataError(f"{BUNDLED_RANKS} is corrupt (sha256 mismatch); restore it with `git checkout model/gpt2.tiktoken`")
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    from tiktoken_ext.openai_public import r50k_pat_str
+    if verbose:
+        print(f"tiktoken could not download the GPT-2 ranks ({reason}); using the bundled copy {os.path.relpath(BUNDLED_RANKS)}")
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=VOCAB_SIZE)
+
+
+def tokenize_example(enc, record):
+    """Returns (tokens, mask) of one record: mask is 1 on the response tokens and the closing EOT."""
+    prompt = enc.encode_ordinary(format_prompt(record["instruction"], record["context"]))
+    response = enc.encode_ordinary(record["response"].strip()) + [EOT]
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+# -----------------------------------------------------------------------------
+# reading the records
+
+def check_record(record, where):
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with fields {', '.join(FIELDS)}, got {type(record).__name__}")
+    for field in FIELDS:
+        if field not in record:
+            raise DataError(f"{where}: missing field '{field}' (Dolly records need {', '.join(FIELDS)}); fix or remove that record")
+        if not isinstance(record[field], str):
+            raise DataError(f"{where}: field '{field}' must be a string, got {type(record[field]).__name__}")
+    return {field: record[field] for field in FIELDS}  # a copy: the input is never modified
+
+
+def read_jsonl(path):
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix that line or re-download the file")
+            records.append(check_record(record, f"{path}:{lineno}"))
+    return records
+
+
+def read_local(path):
+    """Reads the original JSONL (or a JSON list, or Parquet through `datasets`)."""
+    if not os.path.isfile(path):
+        raise DataError(f"--input {path}: no such file; pass the path of databricks-dolly-15k.jsonl")
+    try:
+        if path.endswith(".parquet"):
+            import datasets
+            rows = datasets.Dataset.from_parquet(path)
+            return [check_record(r, f"{path}:row {i + 1}") for i, r in enumerate(rows)]
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                head = f.read(1)
+            if head == "[":
+                with open(path, encoding="utf-8") as f:
+                    try:
+                        rows = json.load(f)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file or re-download it")
+                return [check_record(r, f"{path}:record {i + 1}") for i, r in enumerate(rows)]
+        return read_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); pass the original JSONL file")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
+
+
+def hub_reachable(timeout=5.0):
+    """A quick check, so that offline machines skip `datasets`' minute of retries."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_records(input_path):
+    """Returns (records, source description)."""
+    if input_path:
+        return read_local(input_path), os.path.abspath(input_path)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    reason = "the Hugging Face Hub is unreachable"
+    if offline or hub_reachable():  # offline mode still finds a copy in the local datasets cache
+        try:
+            import datasets
+            rows = datasets.load_dataset(HF_DATASET, split="train")
+            return [check_record(r, f"{HF_DATASET} row {i + 1}") for i, r in enumerate(rows)], f"hf:{HF_DATASET}"
+        except DataError:
+            raise
+        except Exception as e:
+            reason = f"loading {HF_DATASET} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    records = read_jsonl(BUNDLED_SAMPLE)
+    bar = "!" * 100
+    print(f"{bar}\nWARNING: {reason}; using the bundled sample {os.path.relpath(BUNDLED_SAMPLE)}: "
+          f"{len(records)} of Dolly-15k's 15,011 records.\nFor the full set, run this on a machine with "
+          f"internet, or download databricks-dolly-15k.jsonl and pass --input PATH.\n{bar}")
+    return records, "bundled:dolly15k/dolly_sample.jsonl"
+
+
+# -----------------------------------------------------------------------------
+# split and shards
+
+def split_records(records, val_fraction, seed):
+    """Deterministic validation split by record, stratified by category. Returns (train, val)."""
+    by_category = defaultdict(list)
+    for record in records:
+        by_category[record["category"]].append(record)
+    rng = random.Random(seed)
+    train, val = [], []
+    for category in sorted(by_category):
+        group = by_category[category][:]
+        rng.shuffle(group)
+        n_val = round(len(group) * val_fraction)
+        if val_fraction > 0 and n_val == 0 and len(group) >= 2:
+            n_val = 1  # every category with two or more records gets a val example
+        val += group[:n_val]
+        train += group[n_val:]
+    rng.shuffle(train)  # mix categories in the training stream
+    rng.shuffle(val)
+    return train, val
+
+
+def shard_name(split, kind, index):
+    kind = "" if kind == "tokens" else f"{kind}_"
+    return f"dolly_{split}_{kind}{index:06d}.npy"
+
+
+def save_npy_atomic(path, array):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_split(enc, split, records, category_ids, shard_size, out_dir, progress):
+    """Tokenizes records into shards of exactly shard_size tokens (the last one shorter).
+    Examples are packed back to back and may straddle a shard boundary, like build-nanogpt's fineweb.py."""
+    from tqdm import tqdm
+    shards, stats = [], {"records": len(records), "tokens": 0, "response_tokens": 0, "max_example_tokens": 0,
+                         "tokens_per_category": Counter(), "records_per_category": Counter()}
+    buf = {kind: np.empty(shard_size, dtype=dt) for kind, dt in (("tokens", np.uint16), ("mask", np.uint8), ("category", np.uint8))}
+    fill = 0
+
+    def flush(n):
+        index = len(shards)
+        names = {kind: shard_name(split, kind, index) for kind in buf}
+        for kind, name in names.items():
+            save_npy_atomic(os.path.join(out_dir, name), buf[kind][:n])
+        shards.append({"tokens": names["tokens"], "mask": names["mask"], "category": names["category"], "num_tokens": int(n)})
+
+    for record in tqdm(records, desc=f"tokenizing {split}", unit="rec", disable=not progress, leave=False):
+        tokens, mask = tokenize_example(enc, record)
+        category = category_ids[record["category"]]
+        stats["tokens"] += len(tokens)
+        stats["response_tokens"] += sum(mask)
+        stats["max_example_tokens"] = max(stats["max_example_tokens"], len(tokens))
+        stats["tokens_per_category"][record["category"]] += len(tokens)
+        stats["records_per_category"][record["category"]] += 1
+        pos = 0
+        while pos < len(tokens):
+            take = min(shard_size - fill, len(tokens) - pos)
+            buf["tokens"][fill:fill + take] = tokens[pos:pos + take]
+            buf["mask"][fill:fill + take] = mask[pos:pos + take]
+            buf["category"][fill:fill + take] = category
+            fill, pos = fill + take, pos + take
+            if fill == shard_size:
+                flush(fill)
+                fill = 0
+    if fill > 0:
+        flush(fill)
+    stats["mean_example_tokens"] = round(stats["tokens"] / max(1, len(records)), 2)
+    for key in ("tokens_per_category", "records_per_category"):
+        stats[key] = dict(sorted(stats[key].items()))
+    return shards, stats
+
+
+def sample_prompts(val_records):
+    """One fixed validation instruction per category, for the trainer's generation samples."""
+    chosen = {}
+    for record in val_records:
+        best = chosen.get(record["category"])
+        key = (len(record["instruction"]) + len(record["context"]), record["instruction"])
+        if len(record["context"]) <= 1500 and (best is None or key < best[0]):
+            chosen[record["category"]] = (key, record)
+    return [{"category": c, "instruction": r["instruction"], "context": r["context"], "response": r["response"]}
+            for c, (_, r) in sorted(chosen.items())]
+
+
+def records_hash(records):
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+
+def prepare(args):
+    t0 = time.time()
+    out_dir = args.output_dir
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".prepare-", dir=out_dir)
+    except OSError as e:
+        raise DataError(f"--output_dir {out_dir}: cannot write there ({e.strerror}); choose a writable directory")
+    try:
+        records, source = load_records(args.input)
+        n_read = len(records)
+        kept, seen = [], set()
+        n_empty = n_duplicate = 0
+        for record in records:
+            if not record["response"].strip():
+                n_empty += 1
+                continue
+            key = (record["instruction"].strip(), record["context"].strip(), record["response"].strip())
+            if key in seen:  # an exact repeat would otherwise land in both splits
+                n_duplicate += 1
+                continue
+            seen.add(key)
+            kept.append(record)
+        if not kept:
+            where = args.input or source
+            raise DataError(f"{where}: no usable records ({n_read} read, {n_empty} with an empty response); pass a Dolly-15k file")
+        categories = sorted({r["category"] for r in kept})
+        if len(categories) > 255:
+            raise DataError(f"{len(categories)} distinct categories; at most 255 fit the uint8 category shards")
+        category_ids = {c: i for i, c in enumerate(categories)}
+        train, val = split_records(kept, args.val_fraction, args.seed)
+
+        enc = get_tokenizer()
+        progress = sys.stderr.isatty() and not args.quiet
+        splits = {}
+        for split, recs in (("train", train), ("val", val)):
+            shards, stats = write_split(enc, split, recs, category_ids, args.shard_size, staging, progress)
+            splits[split] = {**stats, "shards": shards}
+        manifest = {
+            "format_version": MANIFEST_VERSION,
+            "source": source,
+            "source_sha256": records_hash(records),
+            "records_read": n_read,
+            "records_skipped_empty_response": n_empty,
+            "records_skipped_duplicate": n_duplicate,
+            "tokenizer": "gpt2",
+            "vocab_size": VOCAB_SIZE,
+            "eot_token": EOT,
+            "token_dtype": "uint16",
+            "template": {"prompt": PROMPT_TEMPLATE, "prompt_with_context": PROMPT_TEMPLATE_WITH_CONTEXT,
+                         "example": "prompt + response + <|endoftext|>"},
+            "val_fraction": args.val_fraction,
+            "seed": args.seed,
+            "shard_size": args.shard_size,
+            "categories": categories,
+            "splits": splits,
+            "sample_prompts": sample_prompts(val),
+        }
+        with open(os.path.join(staging, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        # Publish: shards first, manifest last, then drop shards of an earlier run that the manifest does not list.
+        new_files = sorted(os.listdir(staging))
+        for name in new_files:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        for name in os.listdir(out_dir):
+            if name.startswith("dolly_") and name.endswith(".npy") and name not in new_files:
+                os.remove(os.path.join(out_dir, name))
+    except OSError as e:
+        raise DataError(f"--output_dir {out_dir}: writing failed ({e.strerror}); nothing was changed there")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest, time.time() - t0
+
+
+def print_summary(manifest, seconds, out_dir):
+    print(f"source: {manifest['source']} ({manifest['records_read']} records read, "
+          f"{manifest['records_skipped_empty_response']} skipped for an empty response, "
+          f"{manifest['records_skipped_duplicate']} exact duplicates skipped)")
+    for split in ("train", "val"):
+        s = manifest["splits"][split]
+        print(f"{split:5s}: {s['records']:6d} records {s['tokens']:10,d} tokens ({s['response_tokens']:,d} response) "
+              f"in {len(s['shards'])} shard(s); example length max {s['max_example_tokens']} mean {s['mean_example_tokens']}")
+    print("tokens per category (train + val):")
+    for c in manifest["categories"]:
+        n = sum(manifest["splits"][sp]["tokens_per_category"].get(c, 0) for sp in ("train", "val"))
+        r = sum(manifest["splits"][sp]["records_per_category"].get(c, 0) for sp in ("train", "val"))
+        print(f"  {c:24s} {r:6d} records {n:10,d} tokens")
+    print(f"wrote {out_dir}/manifest.json in {seconds:.1f}s")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Tokenize Dolly-15k into GPT-2 token shards for model/finetune_dolly.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", default=None, help="local Dolly file (.jsonl, .json or .parquet; original schema). "
+                   f"Default: {HF_DATASET} from the Hub, or the bundled sample when offline")
+    p.add_argument("--output_dir", default="dolly15k", help="where shards and manifest.json are written")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="share of records per category held out for validation")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the validation split and the training order")
+    p.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="tokens per shard")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        p.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.shard_size < 1:
+        p.error(f"--shard_size must be positive, got {args.shard_size}")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        manifest, seconds = prepare(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_summary(manifest, seconds, args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
