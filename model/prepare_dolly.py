@@ -28,6 +28,7 @@ Run:
 """
 
 import argparse
+import array
 import base64
 import hashlib
 import json
@@ -233,38 +234,30 @@ def write_split(enc, split, records, category_ids, shard_size, out_dir, progress
     """Tokenizes records into shards of exactly shard_size tokens (the last one shorter).
     Examples are packed back to back and may straddle a shard boundary, like build-nanogpt's fineweb.py."""
     from tqdm import tqdm
-    shards, stats = [], {"records": len(records), "tokens": 0, "response_tokens": 0, "max_example_tokens": 0,
-                         "tokens_per_category": Counter(), "records_per_category": Counter()}
-    buf = {kind: np.empty(shard_size, dtype=dt) for kind, dt in (("tokens", np.uint16), ("mask", np.uint8), ("category", np.uint8))}
-    fill = 0
-
-    def flush(n):
-        index = len(shards)
-        names = {kind: shard_name(split, kind, index) for kind in buf}
-        for kind, name in names.items():
-            save_npy_atomic(os.path.join(out_dir, name), buf[kind][:n])
-        shards.append({"tokens": names["tokens"], "mask": names["mask"], "category": names["category"], "num_tokens": int(n)})
-
+    stats = {"records": len(records), "tokens": 0, "response_tokens": 0, "max_example_tokens": 0,
+             "tokens_per_category": Counter(), "records_per_category": Counter()}
+    # The whole split stays in memory as packed arrays (Dolly-15k: ~3M tokens, 9 MB); extending an array.array
+    # is one C call per example, where copying each example into numpy buffers costs three.
+    tokens, mask, lengths = array.array("H"), array.array("B"), []
     for record in tqdm(records, desc=f"tokenizing {split}", unit="rec", disable=not progress, leave=False):
-        tokens, mask = tokenize_example(enc, record)
-        category = category_ids[record["category"]]
-        stats["tokens"] += len(tokens)
-        stats["response_tokens"] += sum(mask)
-        stats["max_example_tokens"] = max(stats["max_example_tokens"], len(tokens))
-        stats["tokens_per_category"][record["category"]] += len(tokens)
+        example_tokens, example_mask = tokenize_example(enc, record)
+        tokens.extend(example_tokens)
+        mask.extend(example_mask)
+        lengths.append(len(example_tokens))
+        stats["tokens_per_category"][record["category"]] += len(example_tokens)
         stats["records_per_category"][record["category"]] += 1
-        pos = 0
-        while pos < len(tokens):
-            take = min(shard_size - fill, len(tokens) - pos)
-            buf["tokens"][fill:fill + take] = tokens[pos:pos + take]
-            buf["mask"][fill:fill + take] = mask[pos:pos + take]
-            buf["category"][fill:fill + take] = category
-            fill, pos = fill + take, pos + take
-            if fill == shard_size:
-                flush(fill)
-                fill = 0
-    if fill > 0:
-        flush(fill)
+    arrays = {"tokens": np.frombuffer(tokens, dtype=np.uint16), "mask": np.frombuffer(mask, dtype=np.uint8),
+              "category": np.repeat(np.array([category_ids[r["category"]] for r in records], dtype=np.uint8), lengths)}
+    stats["tokens"] = len(tokens)
+    stats["response_tokens"] = int(arrays["mask"].sum())
+    stats["max_example_tokens"] = max(lengths, default=0)
+    shards = []
+    for start in range(0, len(tokens), shard_size):
+        names = {kind: shard_name(split, kind, len(shards)) for kind in arrays}
+        for kind, name in names.items():
+            save_npy_atomic(os.path.join(out_dir, name), arrays[kind][start:start + shard_size])
+        shards.append({"tokens": names["tokens"], "mask": names["mask"], "category": names["category"],
+                       "num_tokens": min(shard_size, len(tokens) - start)})
     stats["mean_example_tokens"] = round(stats["tokens"] / max(1, len(records)), 2)
     for key in ("tokens_per_category", "records_per_category"):
         stats[key] = dict(sorted(stats[key].items()))

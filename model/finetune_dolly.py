@@ -1,0 +1,1125 @@
+"""
+Fine-tune a GPT-2 on the Databricks Dolly-15k instruction data (shards from model/prepare_dolly.py).
+
+The model to start from is, in this order: a fine-tune checkpoint (with --auto_resume / --resume),
+the checkpoint you pretrained with build-nanogpt's train_gpt2.py (--pretrained_checkpoint, default
+logs/model_19072.pt; a Hub name like `gpt2` works too), else a random init (with a warning).
+
+Launch:
+    python model/finetune_dolly.py                                      # one process (GPU or CPU)
+    python model/finetune_dolly.py --auto_resume                        # continue after a crash or preemption
+    python model/finetune_dolly.py --resume --checkpoint_path logs_finetune/model_00004.pt --max_lr 1e-5
+    torchrun --standalone --nproc_per_node=8 model/finetune_dolly.py    # one node, 8 GPUs
+    python model/finetune_dolly.py --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 \\
+        --sequence_length 256 --batch_size 8 --total_batch_size 16384 --max_steps 20  # tiny CPU run
+
+Exit status: 0 done; 1 error (one line says what to do); 2 bad command line;
+75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with --auto_resume).
+"""
+
+import argparse
+import dataclasses
+import fcntl
+import hashlib
+import inspect
+import json
+import math
+import os
+import pickle
+import random
+import re
+import signal
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prepare_dolly import EOT, VOCAB_SIZE, format_prompt, get_tokenizer
+
+# -----------------------------------------------------------------------------
+# config: every knob in one place; the CLI is built from these fields
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+EXIT_ERROR, EXIT_PREEMPTED = 1, 75
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    pretrained_checkpoint: str = field(default="logs/model_19072.pt", metadata={"help": "build-nanogpt checkpoint, bare state dict, Hub name (gpt2, gpt2-medium, ...) or Hub-layout dir; 'none' = random init"})
+    data_dir: str = field(default="dolly15k", metadata={"help": "shards and manifest.json from model/prepare_dolly.py"})
+    log_dir: str = field(default="logs_finetune", metadata={"help": "checkpoints, log.txt, metrics.jsonl, samples"})
+    # resume
+    auto_resume: bool = field(default=False, metadata={"help": "continue from the newest loadable checkpoint in --log_dir"})
+    resume: bool = field(default=False, metadata={"help": "resume from --checkpoint_path (or, without it, as --auto_resume)"})
+    checkpoint_path: str = field(default="", metadata={"help": "checkpoint to resume from (with --resume)"})
+    strict_resume: bool = field(default=False, metadata={"help": "turn every fallback (no checkpoint, no pretrained model) into an error"})
+    allow_data_change: bool = field(default=False, metadata={"help": "resume even though the data differs from the checkpoint's"})
+    # model shape, used only for a random init (a checkpoint brings its own)
+    n_layer: int = field(default=12, metadata={"help": "layers (random init only)"})
+    n_head: int = field(default=12, metadata={"help": "attention heads (random init only)"})
+    n_embd: int = field(default=768, metadata={"help": "embedding width (random init only)"})
+    block_size: int = field(default=1024, metadata={"help": "context length (random init only)"})
+    vocab_size: int = field(default=50304, metadata={"help": "vocabulary, >= 50257 (random init only)"})
+    # data and batch
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-step per process"})
+    sequence_length: int = field(default=1024, metadata={"help": "tokens per sequence, <= block_size"})
+    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step over all processes (gradient accumulation fills the rest)"})
+    loss_on: str = field(default="response", metadata={"help": "'response': loss on response tokens only; 'all': every token"})
+    # optimisation and schedule
+    max_lr: float = field(default=6e-5, metadata={"help": "peak learning rate (1/10 to 1/100 of pretraining's)"})
+    min_lr: float = field(default=6e-6, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_steps: int = field(default=1, metadata={"help": "linear warmup steps"})
+    max_steps: int = field(default=6, metadata={"help": "optimizer steps (6 x 524288 tokens is about one epoch of Dolly-15k)"})
+    num_epochs: float = field(default=0.0, metadata={"help": "if > 0, sets max_steps from the data size, e.g. 0.3, 0.5, 1"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices (not biases, LayerNorms)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    # evaluation and samples
+    eval_interval: int = field(default=2, metadata={"help": "val loss every N steps (and at step 0 and the end)"})
+    val_tokens: int = field(default=0, metadata={"help": "evaluate on the first N val tokens (0 = the whole val split)"})
+    generate_interval: int = field(default=2, metadata={"help": "generation samples every N steps (0 = never)"})
+    generate_max_tokens: int = field(default=64, metadata={"help": "new tokens per sample"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (0 = all)"})
+    # checkpoints
+    checkpoint_interval: int = field(default=2, metadata={"help": "full checkpoint every N steps (and at the end)"})
+    keep_last_n_checkpoints: int = field(default=3, metadata={"help": "keep the newest N model_*.pt (model_best.pt is kept apart)"})
+    # system
+    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast where supported, else fp32), float32, bfloat16"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile: auto (on for CUDA), on, off"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's choice; 1 is often fastest on shared 2-core boxes)"})
+    seed: int = field(default=1337, metadata={"help": "seed for init and sampling; same seed on CPU = same metrics"})
+    dist_timeout_min: int = field(default=30, metadata={"help": "minutes a process waits for the others (long enough for a 1.5B save)"})
+
+
+# Fields that describe this launch (machine, resume decision), never taken from a checkpoint.
+LAUNCH_FIELDS = {"data_dir", "log_dir", "auto_resume", "resume", "checkpoint_path", "strict_resume",
+                 "allow_data_change", "device", "dtype", "compile", "threads", "dist_timeout_min", "pretrained_checkpoint"}
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Fine-tune GPT-2 on Dolly-15k (see README.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        if f.type is bool or f.type == "bool":
+            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    return p
+
+
+def parse_args(argv=None):
+    """Returns (cfg, names of the flags given on the command line); on resume those override the saved ones."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"action": "store_true"} if action.nargs == 0 else {"type": action.type}
+            explicit.add_argument(*action.option_strings, dest=action.dest, **kwargs)
+    given = set(vars(explicit.parse_known_args(argv)[0]))
+    return TrainConfig(**vars(args)), given
+
+
+def validate_config(cfg, world_size=1):
+    """Collects every problem with the settings, so the user fixes them in one go."""
+    problems = []
+    def need(ok, msg):
+        if not ok:
+            problems.append(msg)
+    need(cfg.max_lr > 0, f"--max_lr must be > 0, got {cfg.max_lr}")
+    need(0 <= cfg.min_lr <= cfg.max_lr, f"--min_lr must be in [0, max_lr={cfg.max_lr}], got {cfg.min_lr}")
+    need(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    need(cfg.max_steps >= 1 or cfg.num_epochs > 0, f"--max_steps must be >= 1, got {cfg.max_steps}")
+    need(cfg.num_epochs >= 0, f"--num_epochs must be >= 0, got {cfg.num_epochs}")
+    need(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")
+    need(cfg.sequence_length >= 1, f"--sequence_length must be >= 1, got {cfg.sequence_length}")
+    need(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0, got {cfg.grad_clip}")
+    need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1/--beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
+    need(cfg.loss_on in ("response", "all"), f"--loss_on must be 'response' or 'all', got {cfg.loss_on!r}")
+    need(cfg.eval_interval >= 1, f"--eval_interval must be >= 1, got {cfg.eval_interval}")
+    need(cfg.generate_interval >= 0, f"--generate_interval must be >= 0, got {cfg.generate_interval}")
+    need(cfg.checkpoint_interval >= 1, f"--checkpoint_interval must be >= 1, got {cfg.checkpoint_interval}")
+    need(cfg.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints must be >= 1 (the newest is always kept), got {cfg.keep_last_n_checkpoints}")
+    need(cfg.val_tokens >= 0, f"--val_tokens must be >= 0, got {cfg.val_tokens}")
+    need(cfg.temperature >= 0 and cfg.top_k >= 0, f"--temperature and --top_k must be >= 0, got {cfg.temperature}/{cfg.top_k}")
+    need(cfg.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", cfg.device), f"--device must be auto, cpu, cuda or mps, got {cfg.device!r}")
+    need(cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    need(cfg.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, got {cfg.compile!r}")
+    need(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
+    need(cfg.vocab_size >= VOCAB_SIZE, f"--vocab_size must be >= {VOCAB_SIZE} (GPT-2's tokenizer), got {cfg.vocab_size}")
+    need(cfg.n_head >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
+    micro = cfg.batch_size * cfg.sequence_length * world_size
+    if micro > 0 and cfg.total_batch_size % micro != 0:
+        valid = [b for b in range(1, 129) if cfg.total_batch_size % (b * cfg.sequence_length * world_size) == 0]
+        problems.append(f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x sequence_length x processes "
+                        f"= {cfg.batch_size} x {cfg.sequence_length} x {world_size}; with these, valid --batch_size values are "
+                        f"{valid or 'none: change --total_batch_size or --sequence_length'}")
+    if problems:
+        raise UserError("invalid settings:\n  - " + "\n  - ".join(problems))
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as a message, not a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# the GPT-2 model (as nanoGPT/build-nanogpt, with HF's parameter names)
+
+IGNORE_INDEX = -100  # targets that carry no loss (prompt tokens with --loss_on response)
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257  # GPT-2's 50,000 merges + 256 bytes + <|endoftext|>; build-nanogpt pads to 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.NANOGPT_SCALE_INIT = 1
+        self.n_head = config.n_head
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:  # generation: keys/values of earlier positions are reused, not recomputed
+            if kv_cache[0] is not None:
+                k, v = torch.cat([kv_cache[0], k], dim=2), torch.cat([kv_cache[1], v], dim=2)
+            kv_cache[0], kv_cache[1] = k, v
+        # a single new query attends to every cached position, so the causal mask is only needed when T > 1
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.NANOGPT_SCALE_INIT = 1
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)  # pre-LN residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class TargetCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (h @ weight.T) against targets, computed in row chunks so the (N, vocab)
+    logits never exist at once. Gradients are formed in the forward pass, chunk by chunk
+    (d loss / d logits = softmax - onehot), so backward costs nothing and nothing large is saved."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight)
+        rows = torch.arange(chunk_rows, device=h.device)
+        for s in range(0, h.size(0), chunk_rows):
+            hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+            logits = (hc @ weight.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            dlogits[rows[:hc.size(0)], tc] -= 1
+            dlogits = dlogits.to(h.dtype)
+            grad_h[s:s + chunk_rows] = dlogits @ weight
+            grad_w += (dlogits.t() @ hc).to(grad_w.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def target_cross_entropy(h, weight, targets, reduction="mean"):
+    """Cross-entropy at the positions that have a target: h (N, C), targets (N,).
+    reduction: 'mean', 'sum', or 'none' (one loss per row, no gradient)."""
+    chunk_rows = max(1, 2 ** 24 // weight.size(0))  # ~64 MB of fp32 logits per chunk
+    if reduction != "none" and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        loss = TargetCrossEntropy.apply(h, weight, targets, chunk_rows)
+    else:
+        with torch.no_grad():
+            losses = torch.cat([F.cross_entropy((h[s:s + chunk_rows] @ weight.t()).float(), targets[s:s + chunk_rows], reduction="none")
+                                for s in range(0, h.size(0), chunk_rows)]) if h.size(0) else h.new_zeros(0, dtype=torch.float32)
+        if reduction == "none":
+            return losses
+        loss = losses.sum()
+    return loss / max(1, targets.numel()) if reduction == "mean" else loss
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if hasattr(module, "NANOGPT_SCALE_INIT"):
+                std *= (2 * self.config.n_layer) ** -0.5  # residual projections, GPT-2 paper
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
+        """idx (B, T) token ids. Without targets: returns (logits, None), logits (B, T, vocab), or only the last
+        position's (B, 1, vocab) when a kv_cache (list of [k, v] per layer) is given. With targets (B, T), where
+        IGNORE_INDEX marks positions without loss: returns (None, loss); logits are computed only at target positions."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None or kv_cache[0][0] is None else kv_cache[0][0].size(2)
+        assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if kv_cache is None else kv_cache[i])
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x if kv_cache is None else x[:, -1:]), None
+        keep = targets != IGNORE_INDEX  # (B, T)
+        return None, target_cross_entropy(x[keep], self.lm_head.weight, targets[keep], reduction)
+
+    def new_kv_cache(self):
+        return [[None, None] for _ in range(self.config.n_layer)]
+
+    def configure_optimizer(self, cfg, device_type):
+        # decay the matrices (matmul weights, embeddings); not biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **({"fused": True} if fused else {}))
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hub, or a dir with config.json + model.safetensors."""
+        from safetensors.torch import load_file
+        if os.path.isdir(name_or_dir):
+            config_path, weights_path = (os.path.join(name_or_dir, f) for f in ("config.json", "model.safetensors"))
+            if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
+                raise UserError(f"{name_or_dir}: expected config.json and model.safetensors (the Hugging Face layout)")
+        else:
+            from huggingface_hub import hf_hub_download
+            try:
+                config_path = hf_hub_download(name_or_dir, "config.json")
+                weights_path = hf_hub_download(name_or_dir, "model.safetensors")
+            except Exception as e:
+                raise UserError(f"cannot fetch {name_or_dir} from the Hugging Face Hub ({type(e).__name__}); on an offline machine, "
+                                f"download it elsewhere (huggingface-cli download {name_or_dir}) and pass its directory") from None
+        with open(config_path) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        sd = {}
+        for k, v in load_file(weights_path).items():
+            k = k.removeprefix("transformer.")
+            if k.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # HF's causal-mask buffers
+            if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+                v = v.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
+            sd[k if k.startswith("lm_head") else f"transformer.{k}"] = v
+        model = cls(config)
+        load_state_dict_checked(model, sd, name_or_dir)
+        return model
+
+
+def load_state_dict_checked(model, sd, source):
+    """Loads sd into model after checking every key and shape; names each mismatch."""
+    sd = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}  # nanoGPT's causal-mask buffer
+    if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = ([f"missing keys {missing[:8]}"] if missing else []) + ([f"unexpected keys {unexpected[:8]}"] if unexpected else []) + shapes[:8]
+        raise UserError(f"{source} does not fit the GPT-2 model: " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+# -----------------------------------------------------------------------------
+# loading weights safely
+
+class _NanoGPTConfig:
+    """Stand-in for build-nanogpt's GPTConfig, which its train_gpt2.py pickles as __main__.GPTConfig.
+    Allow-listing this one class lets torch.load(weights_only=True) read such files without running pickled code."""
+
+
+_NanoGPTConfig.__module__, _NanoGPTConfig.__qualname__, _NanoGPTConfig.__name__ = "__main__", "GPTConfig", "GPTConfig"
+
+
+def safe_torch_load(path, map_location="cpu"):
+    """torch.load that never executes arbitrary pickled code. Raises UserError for unsafe or unreadable files."""
+    try:
+        with torch.serialization.safe_globals([_NanoGPTConfig]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        detail = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line][:1]
+        raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and plain data "
+                        f"({detail[0][:200] if detail else 'unsafe pickle'}); only load files you trust") from None
+
+
+def load_pretrained(cfg):
+    """Returns (model, init source). The guide's order after fine-tune checkpoints: pretrained file -> random init."""
+    src = cfg.pretrained_checkpoint
+    if src in HUB_MODELS or (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json"))):
+        return GPT.from_pretrained(src), f"hub:{src}"
+    if src.lower() not in ("", "none") and os.path.isfile(src):
+        try:
+            ckpt = safe_torch_load(src)
+        except UserError:
+            raise
+        except Exception as e:
+            ckpt, reason = None, f"cannot read it ({type(e).__name__}: {str(e)[:120]})"
+        if ckpt is not None:
+            if not isinstance(ckpt, dict):
+                raise UserError(f"{src}: expected a checkpoint dict or state dict, got {type(ckpt).__name__}")
+            sd = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+            config = model_config_from_checkpoint(ckpt, sd, cfg)
+            model = GPT(config)
+            load_state_dict_checked(model, sd, src)
+            step = f", pretrained step {ckpt['step']}" if isinstance(ckpt.get("step"), int) else ""
+            return model, f"pretrained:{src}{step}"
+    else:
+        reason = "no such file" if src.lower() not in ("", "none") else "--pretrained_checkpoint none"
+    if cfg.strict_resume and src.lower() not in ("", "none"):
+        raise UserError(f"--pretrained_checkpoint {src}: {reason} (--strict_resume forbids falling back to a random init)")
+    config = GPTConfig(**{k: getattr(cfg, k) for k in SHAPE_FIELDS})
+    if src.lower() not in ("", "none"):
+        print0("!" * 100 + f"\nWARNING: pretrained checkpoint {src}: {reason}. Starting from a RANDOM INIT "
+               f"({config.n_layer} layers, {config.n_embd} wide): fine-tuning will not give a useful model.\n"
+               f"Pass --pretrained_checkpoint PATH (build-nanogpt's logs/model_19072.pt) or --pretrained_checkpoint gpt2.\n" + "!" * 100)
+    return GPT(config), "random"
+
+
+def model_config_from_checkpoint(ckpt, sd, cfg):
+    """The model shape from a checkpoint's config (build-nanogpt's dataclass, our dict) or from the tensors."""
+    saved = ckpt.get("model_config") or ckpt.get("config")
+    if isinstance(saved, _NanoGPTConfig):
+        saved = vars(saved)
+    if isinstance(saved, dict) and all(k in saved for k in SHAPE_FIELDS):
+        return GPTConfig(**{k: int(saved[k]) for k in SHAPE_FIELDS})
+    sd = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
+    try:  # a bare state dict: read the shape off the tensors; GPT-2's heads are 64 wide
+        vocab, n_embd = sd["transformer.wte.weight"].shape
+        n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer\.h\.(\d+)\.", k)))
+        return GPTConfig(block_size=sd["transformer.wpe.weight"].shape[0], vocab_size=vocab, n_layer=n_layer,
+                         n_head=max(1, n_embd // 64), n_embd=n_embd)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{cfg.pretrained_checkpoint}: not a GPT-2 state dict (no {e})") from None
+
+
+# -----------------------------------------------------------------------------
+# data: a cyclic token stream over the shards, and the per-step batches
+
+class TokenStream:
+    """The tokens of one split as one endless stream (epoch after epoch), read from memory-mapped shards.
+    Each example ends with <|endoftext|>, so wrapping from the last example to the first is a clean boundary."""
+
+    def __init__(self, data_dir, split, manifest):
+        shards = manifest["splits"][split]["shards"]
+        self.parts = []
+        for s in shards:
+            arrays = [np.load(os.path.join(data_dir, s[kind]), mmap_mode="r") for kind in ("tokens", "mask", "category")]
+            if not (len(arrays[0]) == len(arrays[1]) == len(arrays[2]) == s["num_tokens"]) or arrays[0].dtype != np.uint16:
+                raise UserError(f"{data_dir}/{s['tokens']}: shard does not match manifest.json; re-run `python model/prepare_dolly.py`")
+            self.parts.append(arrays)
+        self.starts = np.cumsum([0] + [s["num_tokens"] for s in shards])
+        self.num_tokens = int(self.starts[-1])
+
+    def read(self, start, n):
+        """Tokens, masks and categories at stream positions start .. start+n-1 (wrapping around)."""
+        pieces, pos = [], start % self.num_tokens
+        while n > 0:
+            k = int(np.searchsorted(self.starts, pos, side="right")) - 1
+            lo = pos - self.starts[k]
+            take = min(n, int(self.starts[k + 1] - pos))
+            pieces.append([a[lo:lo + take] for a in self.parts[k]])
+            n -= take
+            pos = (pos + take) % self.num_tokens
+        return [np.concatenate([p[i] for p in pieces]) for i in range(3)]
+
+
+def make_targets(tokens, mask, loss_on):
+    y = torch.from_numpy(tokens.astype(np.int64))
+    if loss_on == "response":
+        y[torch.from_numpy(mask == 0)] = IGNORE_INDEX
+    return y
+
+
+class DataLoader:
+    """Each optimizer step takes the next total_batch_size tokens of the train stream. They are cut into
+    world_size x grad_accum micro-batches of (B, T); rank r takes micro-batches r, r + world_size, ...
+    The state is one number, the stream position, so a resumed run (with any number of processes, same total
+    batch) continues on exactly the next tokens, and no batch is replayed to get there."""
+
+    def __init__(self, stream, B, T, grad_accum, rank, world_size, loss_on):
+        self.stream, self.B, self.T, self.grad_accum = stream, B, T, grad_accum
+        self.rank, self.world_size, self.loss_on = rank, world_size, loss_on
+        self.tokens_per_step = B * T * grad_accum * world_size
+        self.position = 0
+
+    def next_step(self):
+        """Returns this rank's micro-batches [(x, y), ...] and the number of target tokens in the whole step (all ranks)."""
+        B, T = self.B, self.T
+        batches = []
+        for micro_step in range(self.grad_accum):
+            start = self.position + (micro_step * self.world_size + self.rank) * B * T
+            tokens, mask, _ = self.stream.read(start, B * T + 1)
+            x = torch.from_numpy(tokens[:-1].astype(np.int64)).view(B, T)
+            y = make_targets(tokens[1:], mask[1:], self.loss_on).view(B, T)
+            batches.append((x, y))
+        # every rank can count the step's targets itself: the targets of all micro-batches are one contiguous range
+        if self.loss_on == "response":
+            _, mask, _ = self.stream.read(self.position + 1, self.tokens_per_step)
+            num_targets = int(np.count_nonzero(mask))
+        else:
+            num_targets = self.tokens_per_step
+        self.position += self.tokens_per_step
+        return batches, num_targets
+
+    def state_dict(self):
+        return {"position": self.position, "tokens_per_step": self.tokens_per_step, "stream_tokens": self.stream.num_tokens}
+
+    def load_state_dict(self, state):
+        if state["stream_tokens"] != self.stream.num_tokens:
+            raise UserError(f"the checkpoint's train data had {state['stream_tokens']} tokens, the shards now have {self.stream.num_tokens}")
+        self.position = int(state["position"])
+
+
+def val_batches(stream, B, T, max_tokens, loss_on, rank, world_size):
+    """The val split (or its first max_tokens) as non-overlapping (B, T) batches, each target used exactly once;
+    the last sequence is padded with IGNORE_INDEX targets. Batch i goes to rank i % world_size."""
+    n_pred = stream.num_tokens - 1 if max_tokens <= 0 else min(max_tokens, stream.num_tokens - 1)
+    tokens, mask, cats = stream.read(0, n_pred + 1)
+    x_all = np.zeros(math.ceil(n_pred / T) * T, dtype=np.int64)
+    x_all[:n_pred] = tokens[:n_pred]
+    y_all = torch.full((len(x_all),), IGNORE_INDEX, dtype=torch.long)
+    y_all[:n_pred] = make_targets(tokens[1:], mask[1:], loss_on)
+    c_all = torch.zeros(len(x_all), dtype=torch.long)
+    c_all[:n_pred] = torch.from_numpy(cats[1:].astype(np.int64))
+    x_all = torch.from_numpy(x_all).view(-1, T)
+    y_all, c_all = y_all.view(-1, T), c_all.view(-1, T)
+    for i, s in enumerate(range(0, x_all.size(0), B)):
+        if i % world_size == rank:
+            yield x_all[s:s + B], y_all[s:s + B], c_all[s:s + B]
+
+
+def load_manifest(data_dir):
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no prepared data in {data_dir}/ (manifest.json missing); run `python model/prepare_dolly.py` first")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != 1 or manifest.get("tokenizer") != "gpt2" or manifest.get("vocab_size") != VOCAB_SIZE:
+        raise UserError(f"{path}: made by another version or tokenizer; re-run `python model/prepare_dolly.py`")
+    if manifest["splits"]["train"]["tokens"] == 0:
+        raise UserError(f"{data_dir}/: the train split is empty; re-run `python model/prepare_dolly.py`")
+    return manifest
+
+
+def data_fingerprint(manifest):
+    """What a checkpoint remembers of its data: the source records, the split and the tokenization."""
+    keys = ("source_sha256", "val_fraction", "seed", "template", "tokenizer")
+    parts = [manifest[k] for k in keys] + [manifest["splits"][s]["tokens"] for s in ("train", "val")]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# learning rate: linear warmup, cosine decay to min_lr, then flat
+
+def get_lr(step, cfg):
+    """LR of optimizer step `step` (0-based). Positive at step 0: warmup counts from 1/warmup_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    decay_ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: atomic writes, rotation, finding the newest good one
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pt$")
+REQUIRED_KEYS = ("format_version", "model", "model_config", "optimizer", "step", "train_loader_state", "config", "data_fingerprint")
+
+
+def checkpoint_name(step):
+    return f"model_{step:05d}.pt"
+
+
+def list_checkpoints(log_dir):
+    """[(step, path)] of the model_NNNNN.pt files in log_dir, oldest first (numeric order: 10 after 9)."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(log_dir, name)) for name in os.listdir(log_dir) if (m := CHECKPOINT_RE.match(name))]
+    return sorted(found)
+
+
+def prune_checkpoints(log_dir, keep):
+    """Deletes all but the newest `keep` model_NNNNN.pt files; model_best.pt and other files are never touched."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the newest checkpoint is always kept), got {keep}")
+    for _, path in list_checkpoints(log_dir)[:-keep]:
+        os.remove(path)
+
+
+def atomic_torch_save(obj, path):
+    """Writes to a temp file in the same directory, fsyncs, then renames: a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """Loads and checks a fine-tune checkpoint; raises UserError saying why it is unusable."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path}: empty file (0 bytes)")
+    try:
+        ckpt = safe_torch_load(path)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"checkpoint {path}: unreadable, probably truncated ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path}: not a full fine-tune checkpoint (missing {', '.join(missing)})")
+    if ckpt["format_version"] != CHECKPOINT_VERSION:
+        raise UserError(f"checkpoint {path}: format version {ckpt['format_version']}, this script reads {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def find_resume_checkpoint(log_dir):
+    """The newest loadable checkpoint in log_dir as (path, ckpt), skipping broken ones with a warning; (None, None) if none."""
+    for _, path in reversed(list_checkpoints(log_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print0(f"WARNING: skipping {e}")
+    return None, None
+
+
+def capture_rng_state():
+    """RNG states as tensors and plain values, so torch.load(weights_only=True) can read them back."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# distributed set-up, logging, run lock, stop signals
+
+def setup_distributed(cfg):
+    """Reads torchrun's env vars. Returns (rank, local_rank, world_size, device); one process is world_size 1."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
+        device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=cfg.dist_timeout_min))
+    return rank, local_rank, world_size, device
+
+
+_IS_MASTER = True
+
+
+def print0(*args, **kwargs):
+    """Prints on rank 0 only, so output is not repeated once per GPU."""
+    if _IS_MASTER:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+class RunLog:
+    """log.txt (human, append-only) and metrics.jsonl (one JSON object per step) in the log dir; rank 0 only."""
+
+    def __init__(self, log_dir, start_step):
+        self.log_path, self.metrics_path = os.path.join(log_dir, "log.txt"), os.path.join(log_dir, "metrics.jsonl")
+        # Steps after the checkpoint we start from will be done again (a fresh start redoes step 0 too):
+        # drop their metrics so no step is duplicated.
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if line.strip() and 0 < start_step and json.loads(line)["step"] <= start_step]
+            with open(self.metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+
+    def log(self, text):
+        print0(text)
+        with open(self.log_path, "a") as f:
+            f.write(text + "\n")
+
+    def metrics(self, record):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class RunLock:
+    """An exclusive lock on {log_dir}/.lock; the kernel drops it when the process dies, so a killed run's lock
+    is never stale. Stops two runs from writing the same checkpoints."""
+
+    def __init__(self, log_dir):
+        self.path = os.path.join(log_dir, ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise UserError(f"{log_dir} is in use by a running fine-tune ({owner}); wait for it, stop it, or pass another --log_dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    def release(self):
+        os.close(self.fd)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to stop after the current step and save; a second one exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, device):
+        """True if any rank was signalled. Every rank calls this after every step, so all stop after the same one."""
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# -----------------------------------------------------------------------------
+# evaluation and generation
+
+@torch.no_grad()
+def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categories):
+    """Token-weighted val loss over all ranks, overall and per category (index into the manifest's list)."""
+    model.eval()
+    sums = torch.zeros(2 * (num_categories + 1), dtype=torch.float64)  # [loss sum, count] overall, then per category
+    for x, y, c in val_batches(stream, cfg.batch_size, cfg.sequence_length, cfg.val_tokens, cfg.loss_on, rank, world_size):
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            _, losses = model(x, y, reduction="none")
+        losses = losses.double().cpu()
+        cats = c[y.cpu() != IGNORE_INDEX]
+        sums[0] += losses.sum()
+        sums[1] += losses.numel()
+        sums[2::2] += torch.bincount(cats, weights=losses, minlength=num_categories)
+        sums[3::2] += torch.bincount(cats, minlength=num_categories).double()
+    sums = torch.tensor(all_reduce_sum(sums.tolist(), device))
+    model.train()
+    per_category = [(s / n).item() if n > 0 else None for s, n in zip(sums[2::2], sums[3::2])]
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"), per_category
+
+
+@torch.no_grad()
+def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, generator=None, use_cache=True, autocast=nullcontext()):
+    """Samples a continuation of prompt_tokens (list of ids) until <|endoftext|>, max_new_tokens or the block size.
+    Returns the new token ids (without the EOT). temperature 0 = greedy."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    idx = torch.tensor([prompt_tokens], dtype=torch.long, device=device)
+    cache = model.new_kv_cache() if use_cache else None
+    out, step_input = [], idx
+    for _ in range(max_new_tokens):
+        if idx.size(1) > model.config.block_size:
+            break
+        with autocast:
+            logits, _ = model(step_input, kv_cache=cache)
+        logits = logits[0, -1, :VOCAB_SIZE].float()  # never sample build-nanogpt's padding ids >= 50257
+        if temperature == 0:
+            next_id = int(torch.argmax(logits))
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                v, _ = torch.topk(logits, min(top_k, logits.numel()))
+                logits[logits < v[-1]] = -float("inf")
+            next_id = int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
+        if next_id == EOT:
+            break
+        out.append(next_id)
+        idx = torch.cat([idx, torch.tensor([[next_id]], device=device)], dim=1)
+        step_input = idx[:, -1:] if use_cache else idx
+    model.train(was_training)
+    return out
+
+
+def write_samples(model, enc, prompts, cfg, step, device, autocast, runlog):
+    lines = [f"---- samples at step {step} ----"]
+    for i, p in enumerate(prompts):
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * step + i)  # same samples after a resume
+        prompt = format_prompt(p["instruction"], p["context"])
+        new = generate(model, enc.encode_ordinary(prompt), cfg.generate_max_tokens, cfg.temperature, cfg.top_k, gen, autocast=autocast)
+        lines.append(f"[{p['category']}] {p['instruction'][:200]}\n>>> {enc.decode(new).strip()}")
+    text = "\n".join(lines)
+    runlog.log(text)
+    with open(os.path.join(cfg.log_dir, "samples.txt"), "a") as f:
+        f.write(text + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def resolve_start(cfg, given, manifest):
+    """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text)."""
+    path, ckpt = None, None
+    if cfg.checkpoint_path:
+        path = cfg.checkpoint_path
+        try:
+            ckpt = load_checkpoint(path)
+        except UserError as e:
+            if cfg.strict_resume or not os.path.isfile(path):
+                raise UserError(f"--checkpoint_path: {e}") from None
+            print0(f"WARNING: {e}; falling back to the pretrained model")
+            path = None
+    elif cfg.auto_resume or cfg.resume:
+        path, ckpt = find_resume_checkpoint(cfg.log_dir)
+        if ckpt is None and cfg.strict_resume:
+            raise UserError(f"--strict_resume: no loadable checkpoint (model_NNNNN.pt) in {cfg.log_dir}")
+    else:
+        existing = list_checkpoints(cfg.log_dir)
+        if existing:
+            raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {os.path.basename(existing[-1][1])}); "
+                            f"pass --auto_resume to continue it, or choose another --log_dir")
+    if ckpt is None:
+        model, source = load_pretrained(cfg)
+        return model, cfg, None, source, f"fresh start from {source}"
+    # resume: saved settings, overridden by the flags given on this command line
+    saved = ckpt["config"]
+    merged = {k: (getattr(cfg, k) if k in given or k in LAUNCH_FIELDS or k not in saved else saved[k]) for k in asdict(cfg)}
+    changed = [f"{k}: {saved[k]} -> {merged[k]}" for k in merged if k in saved and k not in LAUNCH_FIELDS and saved[k] != merged[k]]
+    if changed:
+        print0("resume: command-line values override the checkpoint's: " + ", ".join(changed))
+    config = GPTConfig(**ckpt["model_config"])
+    bad_shape = [f"{k} {getattr(config, k)} (checkpoint) vs {getattr(cfg, k)} (command line)" for k in SHAPE_FIELDS if k in given and getattr(cfg, k) != getattr(config, k)]
+    if bad_shape:
+        raise UserError(f"{path}: cannot resume with a different model shape: {', '.join(bad_shape)}")
+    fingerprint = data_fingerprint(manifest)
+    if ckpt["data_fingerprint"] != fingerprint and not cfg.allow_data_change:
+        raise UserError(f"{path} was trained on other data (fingerprint {ckpt['data_fingerprint']}) than {cfg.data_dir}/ now holds "
+                        f"({fingerprint}, source {manifest['source']}); re-run prepare_dolly.py as before, or pass --allow_data_change")
+    model = GPT(config)
+    load_state_dict_checked(model, ckpt["model"], path)
+    return model, TrainConfig(**merged), ckpt, ckpt.get("init_source", "?"), f"resuming from {path} at step {ckpt['step']}"
+
+
+def train(cfg, given=frozenset()):
+    global _IS_MASTER
+    rank, local_rank, world_size, device = setup_distributed(cfg)
+    _IS_MASTER = rank == 0
+    device_type = device.split(":")[0]
+    lock = None
+    try:
+        validate_config(cfg, world_size)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # every rank the same: identical init; nothing in training is random
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        manifest = load_manifest(cfg.data_dir)
+        if rank == 0:
+            os.makedirs(cfg.log_dir, exist_ok=True)
+            lock = RunLock(cfg.log_dir)
+            for name in os.listdir(cfg.log_dir):  # temp files of a save that was killed half-way
+                if ".pt.tmp" in name:
+                    os.remove(os.path.join(cfg.log_dir, name))
+        if world_size > 1:
+            dist.barrier()
+
+        # rank 0 picks the checkpoint; every rank then reads the same file
+        if world_size > 1 and (cfg.auto_resume or cfg.resume) and not cfg.checkpoint_path:
+            choice = [find_resume_checkpoint(cfg.log_dir)[0] if rank == 0 else None]
+            dist.broadcast_object_list(choice, src=0)
+            if choice[0]:
+                cfg = dataclasses.replace(cfg, checkpoint_path=choice[0])
+        model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest)
+        validate_config(cfg, world_size)
+        if cfg.sequence_length > model.config.block_size:
+            raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
+        model.to(device)
+
+        # derived sizes
+        grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.sequence_length * world_size)
+        train_tokens = manifest["splits"]["train"]["tokens"]
+        steps_per_epoch = train_tokens / cfg.total_batch_size
+        if cfg.num_epochs > 0:
+            cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * steps_per_epoch)))
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+        if device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        optimizer = model.configure_optimizer(cfg, device_type)
+        stream = TokenStream(cfg.data_dir, "train", manifest)
+        val_stream = TokenStream(cfg.data_dir, "val", manifest) if manifest["splits"]["val"]["tokens"] > 1 else None
+        loader = DataLoader(stream, cfg.batch_size, cfg.sequence_length, grad_accum, rank, world_size, cfg.loss_on)
+        start_step, best_val_loss, prev_train_loss = 0, float("inf"), None
+        if ckpt is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            loader.load_state_dict(ckpt["train_loader_state"])
+            restore_rng_state(ckpt["rng"])
+            start_step, prev_train_loss = ckpt["step"], ckpt.get("prev_train_loss")
+            best_val_loss = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else float("inf")
+        del ckpt
+
+        train_model = model
+        if cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda"):
+            train_model = torch.compile(model)
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+        runlog = RunLog(cfg.log_dir, start_step) if rank == 0 else None
+        stop = StopSignal()
+        enc = get_tokenizer(verbose=rank == 0) if cfg.generate_interval > 0 and rank == 0 else None
+        n_params = sum(p.numel() for p in model.parameters())
+        if rank == 0:
+            runlog.log(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
+            runlog.log(f"device {device} x {world_size} process(es) | dtype {dtype} | compile {train_model is not model and cfg.compile} | "
+                       f"model {n_params / 1e6:.2f}M params {asdict(model.config)} from {init_source}")
+            runlog.log(f"data {cfg.data_dir}: {train_tokens:,} train tokens, {manifest['splits']['val']['tokens']:,} val tokens "
+                       f"({manifest['source']}) | {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {cfg.sequence_length} "
+                       f"x {grad_accum} accum x {world_size} procs | {steps_per_epoch:.2f} steps/epoch | {cfg.max_steps} steps "
+                       f"= {cfg.max_steps / steps_per_epoch:.2f} epochs")
+            for warning in guide_warnings(cfg, steps_per_epoch):
+                runlog.log(f"WARNING (guide): {warning}")
+        fingerprint = data_fingerprint(manifest)
+        prompts = manifest.get("sample_prompts", [])
+        categories = manifest["categories"]
+
+        def save(step, val_loss, path_names):
+            """Full checkpoint from rank 0 under each name; every rank learns whether it worked."""
+            ok = True
+            if rank == 0:
+                state = {"format_version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config),
+                         "optimizer": optimizer.state_dict(), "step": step, "val_loss": val_loss, "best_val_loss": best_val_loss,
+                         "prev_train_loss": prev_train_loss, "train_loader_state": loader.state_dict(), "rng": capture_rng_state(),
+                         "config": asdict(cfg), "init_source": init_source, "data_fingerprint": fingerprint, "world_size": world_size}
+                try:
+                    for name in path_names:
+                        atomic_torch_save(state, os.path.join(cfg.log_dir, name))
+                    prune_checkpoints(cfg.log_dir, cfg.keep_last_n_checkpoints)
+                except OSError as e:
+                    runlog.log(f"ERROR: saving {path_names} in {cfg.log_dir} failed ({e.strerror or e}); earlier checkpoints are intact")
+                    ok = False
+            if world_size > 1:
+                ok = all_reduce_sum([0.0 if ok else 1.0], device)[0] == 0
+            if not ok:
+                raise UserError(f"checkpoint save failed in {cfg.log_dir}; free space or fix permissions, then rerun with --auto_resume")
+
+        # step 0: the model before fine-tuning
+        if start_step == 0:
+            if val_stream is not None:
+                val_loss, per_cat = evaluate(model, val_stream, cfg, rank, world_size, device, autocast, len(categories))
+                if rank == 0:
+                    runlog.log(f"step {0:5d}/{cfg.max_steps} | val loss {val_loss:.4f} (before fine-tuning)")
+                    runlog.metrics({"step": 0, "val_loss": val_loss, "val_loss_per_category": dict(zip(categories, per_cat))})
+            if rank == 0 and enc is not None:
+                write_samples(model, enc, prompts, cfg, 0, device, autocast, runlog)
+
+        step = start_step
+        tokens_per_step = cfg.total_batch_size
+        while step < cfg.max_steps:
+            t0 = time.time()
+            # ---------------- BEGIN optimizer step ----------------
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches, num_targets = loader.next_step()
+            loss_sum = torch.zeros((), device=device)
+            for micro_step, (x, y) in enumerate(batches):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                last = micro_step == grad_accum - 1
+                # gradients are all-reduced (averaged over ranks) only on the last micro-step
+                with train_model.no_sync() if world_size > 1 and not last else nullcontext():
+                    with autocast:
+                        _, loss = train_model(x, y, reduction="sum")
+                    # normalise by the whole step's target count (all micro-steps, all ranks), so the gradient equals
+                    # one big batch's whatever the masking; x world_size undoes DDP's averaging over ranks
+                    (loss * (world_size / max(1, num_targets))).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # ---------------- END optimizer step: the rest is diagnostics and saving ----------------
+            train_loss = all_reduce_sum([loss_sum.item()], device)[0] / max(1, num_targets)
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                      "tokens_per_sec": tokens_per_step / dt, "epoch": loader.position / stream.num_tokens}
+            if rank == 0:
+                runlog.log(f"step {step:5d}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {grad_norm.item():.4f} | "
+                           f"{dt * 1000:.0f}ms | {tokens_per_step / dt:,.0f} tok/s | epoch {record['epoch']:.2f}")
+            last_step = step == cfg.max_steps
+            val_loss, is_best = None, False
+            if val_stream is not None and (step % cfg.eval_interval == 0 or last_step):
+                val_loss, per_cat = evaluate(model, val_stream, cfg, rank, world_size, device, autocast, len(categories))
+                record.update(val_loss=val_loss, val_loss_per_category=dict(zip(categories, per_cat)))
+                if rank == 0:
+                    runlog.log(f"step {step:5d}/{cfg.max_steps} | val loss {val_loss:.4f}")
+                    # the guide's overfitting check: val loss up while train loss still goes down
+                    if val_loss > best_val_loss and prev_train_loss is not None and train_loss < prev_train_loss:
+                        runlog.log("WARNING: overfitting detected: val loss rose above its best while train loss fell; "
+                                   "consider fewer steps or a lower --max_lr")
+                is_best = math.isfinite(val_loss) and val_loss < best_val_loss  # NaN is never best
+                best_val_loss = val_loss if is_best else best_val_loss
+                prev_train_loss = train_loss
+            if rank == 0:
+                runlog.metrics(record)
+                if enc is not None and cfg.generate_interval > 0 and (step % cfg.generate_interval == 0 or last_step):
+                    write_samples(model, enc, prompts, cfg, step, device, autocast, runlog)
+            stopping = stop.agreed(device)
+            names = [checkpoint_name(step)] if step % cfg.checkpoint_interval == 0 or last_step or stopping else []
+            if is_best:
+                names.append("model_best.pt")
+            if names:
+                save(step, val_loss, names)
+            if stopping and not last_step:
+                print0(f"stopped after step {step}; checkpoint {checkpoint_name(step)} saved. Continue with --auto_resume")
+                return EXIT_PREEMPTED
+        return 0
+    finally:
+        if lock is not None:
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def guide_warnings(cfg, steps_per_epoch):
+    """Settings that go against the fine-tuning guide: warned about, not refused."""
+    out = []
+    if cfg.max_lr > 1e-4:
+        out.append(f"--max_lr {cfg.max_lr:g} is high for fine-tuning (guide: ~6e-5, 1/10-1/100 of pretraining's); it may erase pretrained knowledge")
+    if cfg.max_steps > steps_per_epoch * 1.0001:
+        out.append(f"{cfg.max_steps} steps = {cfg.max_steps / steps_per_epoch:.2f} epochs; the guide advises at most ~1 epoch (catastrophic forgetting)")
+    if cfg.weight_decay == 0:
+        out.append("--weight_decay 0: the guide uses 0.01 to keep weights near the pretrained ones")
+    if not 8 <= cfg.batch_size <= 32:
+        out.append(f"--batch_size {cfg.batch_size} is outside the guide's 8-32")
+    return out
+
+
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    try:
+        return train(cfg, given)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
