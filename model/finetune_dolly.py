@@ -592,6 +592,23 @@ def get_lr(step, cfg):
     return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
 
 
+def accumulate_gradients(train_model, batches, num_targets, world_size, device, autocast=nullcontext()):
+    """Forward and backward over this rank's micro-batches of one optimizer step. Returns the summed loss (detached).
+    The loss is normalised by the whole step's target count (all micro-steps, all ranks), so the gradient equals
+    one big batch's whatever the masking; x world_size undoes DDP's averaging of gradients over ranks."""
+    loss_sum = torch.zeros((), device=device)
+    for micro_step, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = micro_step == len(batches) - 1
+        # DDP all-reduces gradients only on the last micro-step
+        with train_model.no_sync() if world_size > 1 and not last else nullcontext():
+            with autocast:
+                _, loss = train_model(x, y, reduction="sum")
+            (loss * (world_size / max(1, num_targets))).backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: atomic writes, rotation, finding the newest good one
 
@@ -820,9 +837,11 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
 
 
 @torch.no_grad()
-def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, generator=None, use_cache=True, autocast=nullcontext()):
+def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, generator=None, use_cache=True, autocast=nullcontext(),
+             on_token=None):
     """Samples a continuation of prompt_tokens (list of ids) until <|endoftext|>, max_new_tokens or the block size.
-    Returns the new token ids (without the EOT). temperature 0 = greedy."""
+    Returns the new token ids (without the EOT). temperature 0 = greedy. on_token(id), if given, is called with
+    each new id as it is sampled (never the EOT), so a caller can stream the text (model/chat.py)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -846,6 +865,8 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
         if next_id == EOT:
             break
         out.append(next_id)
+        if on_token is not None:
+            on_token(next_id)
         idx = torch.cat([idx, torch.tensor([[next_id]], device=device)], dim=1)
         step_input = idx[:, -1:] if use_cache else idx
     model.train(was_training)
@@ -1037,18 +1058,7 @@ def train(cfg, given=frozenset()):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches, num_targets = loader.next_step()
-            loss_sum = torch.zeros((), device=device)
-            for micro_step, (x, y) in enumerate(batches):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                last = micro_step == grad_accum - 1
-                # gradients are all-reduced (averaged over ranks) only on the last micro-step
-                with train_model.no_sync() if world_size > 1 and not last else nullcontext():
-                    with autocast:
-                        _, loss = train_model(x, y, reduction="sum")
-                    # normalise by the whole step's target count (all micro-steps, all ranks), so the gradient equals
-                    # one big batch's whatever the masking; x world_size undoes DDP's averaging over ranks
-                    (loss * (world_size / max(1, num_targets))).backward()
-                loss_sum += loss.detach()
+            loss_sum = accumulate_gradients(train_model, batches, num_targets, world_size, device, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,213 @@
+"""The training core: LR schedule, masked loss, gradient accumulation, the loader's state, config checks, the CLI."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune_dolly as fd
+from conftest import prepare, read_metrics, run_trainer
+
+
+def tiny_model(seed=0, vocab_size=50304):
+    torch.manual_seed(seed)
+    return fd.GPT(fd.GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16))
+
+
+# ---------------------------------------------------------------- LR schedule
+
+def test_lr_schedule_exact_values():
+    cfg = fd.TrainConfig(max_lr=6e-5, min_lr=6e-6, warmup_steps=2, max_steps=10)
+    assert fd.get_lr(0, cfg) == pytest.approx(3e-5)  # mid-warmup, never 0 at step 0
+    assert fd.get_lr(1, cfg) == pytest.approx(6e-5)  # end of warmup
+    assert fd.get_lr(2, cfg) == pytest.approx(6e-5)  # decay starts at the peak
+    assert fd.get_lr(6, cfg) == pytest.approx(6e-6 + 0.5 * (6e-5 - 6e-6))  # halfway down the cosine
+    assert fd.get_lr(10, cfg) == pytest.approx(6e-6)  # end of decay
+    assert fd.get_lr(500, cfg) == pytest.approx(6e-6)  # past the end: the floor
+    guide = fd.TrainConfig()  # the guide's defaults: warmup 1, 6 steps
+    assert fd.get_lr(0, guide) == pytest.approx(6e-5)
+    assert all(fd.get_lr(s, guide) > fd.get_lr(s + 1, guide) for s in range(0, 5))
+
+
+# ---------------------------------------------------------------- loss and accumulation
+
+def test_masked_loss_equals_hand_computation():
+    model = tiny_model()
+    x = torch.randint(0, 50257, (2, 16))
+    y = torch.randint(0, 50257, (2, 16))
+    y[0, :5] = fd.IGNORE_INDEX
+    y[1, 10:] = fd.IGNORE_INDEX
+    _, loss = model(x, y)
+    logits, _ = model(x)
+    logp = F.log_softmax(logits.double(), dim=-1)
+    picked = [-logp[b, t, y[b, t]] for b in range(2) for t in range(16) if y[b, t] != fd.IGNORE_INDEX]
+    assert len(picked) == 2 * 16 - 5 - 6
+    assert loss.item() == pytest.approx(torch.stack(picked).mean().item(), rel=1e-5)
+    _, loss_sum = model(x, y, reduction="sum")
+    assert loss_sum.item() == pytest.approx(torch.stack(picked).sum().item(), rel=1e-5)
+
+
+def test_accumulation_equals_one_big_batch():
+    x = torch.randint(0, 50257, (8, 16))
+    y = torch.randint(0, 50257, (8, 16))
+    y[torch.rand(8, 16) < 0.6] = fd.IGNORE_INDEX  # uneven masking per micro-batch
+    num_targets = int((y != fd.IGNORE_INDEX).sum())
+    big = tiny_model()
+    fd.accumulate_gradients(big, [(x, y)], num_targets, 1, "cpu")
+    small = tiny_model()
+    micro = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
+    loss_sum = fd.accumulate_gradients(small, micro, num_targets, 1, "cpu")
+    for (name, p), q in zip(big.named_parameters(), small.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name
+    _, mean_loss = tiny_model()(x, y)
+    assert loss_sum.item() / num_targets == pytest.approx(mean_loss.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- data loader
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    """The bundled sample in 20k-token shards, so batches cross shard boundaries."""
+    return prepare(tmp_path_factory.mktemp("shards"), "--shard_size", "20000")
+
+
+def make_loader(data_dir, rank=0, world_size=1, grad_accum=2, loss_on="response"):
+    manifest = fd.load_manifest(data_dir)
+    stream = fd.TokenStream(data_dir, "train", manifest)
+    return fd.DataLoader(stream, 4, 64, grad_accum, rank, world_size, loss_on)
+
+
+def test_stream_reads_across_shards_and_wraps(small_shards):
+    manifest = fd.load_manifest(small_shards)
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    stream = fd.TokenStream(small_shards, "train", manifest)
+    everything = np.concatenate([np.load(os.path.join(small_shards, s["tokens"])) for s in manifest["splits"]["train"]["shards"]])
+    assert stream.num_tokens == len(everything)
+    tokens, mask, cats = stream.read(19990, 25)  # crosses the first boundary
+    assert np.array_equal(tokens, everything[19990:20015])
+    tokens, _, _ = stream.read(len(everything) - 5, 10)  # wraps to the start: the next epoch
+    assert np.array_equal(tokens, np.concatenate([everything[-5:], everything[:5]]))
+
+
+def test_loader_state_round_trip_mid_shard_and_across_boundary(small_shards):
+    straight = make_loader(small_shards)
+    for _ in range(3):
+        straight.next_step()
+    state = straight.state_dict()
+    expected = [straight.next_step() for _ in range(60)]  # 60 x 1024 tokens crosses several shard boundaries
+    resumed = make_loader(small_shards)
+    resumed.load_state_dict(state)
+    for (batches, n), (batches2, n2) in zip(expected, (resumed.next_step() for _ in range(60))):
+        assert n == n2
+        for (x, y), (x2, y2) in zip(batches, batches2):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_ranks_read_distinct_parts_of_the_same_step(small_shards):
+    one = make_loader(small_shards, grad_accum=4)
+    two = [make_loader(small_shards, rank=r, world_size=2, grad_accum=2) for r in range(2)]
+    batches, n = one.next_step()
+    parts = [loader.next_step() for loader in two]
+    assert n == parts[0][1] == parts[1][1]  # every rank knows the whole step's target count
+    rows = lambda bs: sorted(tuple(r.tolist()) for x, _ in bs for r in x)
+    assert rows(batches) == rows(parts[0][0] + parts[1][0])
+    assert not set(rows(parts[0][0])) & set(rows(parts[1][0]))
+    assert one.state_dict()["position"] == two[0].state_dict()["position"]
+
+
+def test_response_targets_are_masked(small_shards):
+    loader = make_loader(small_shards, loss_on="response")
+    batches, n = loader.next_step()
+    ys = torch.cat([y.flatten() for _, y in batches])
+    assert 0 < (ys != fd.IGNORE_INDEX).sum() == n < ys.numel()
+    loader_all = make_loader(small_shards, loss_on="all")
+    batches, n = loader_all.next_step()
+    assert n == 2 * 4 * 64 and all((y != fd.IGNORE_INDEX).all() for _, y in batches)
+
+
+def test_val_batches_use_every_target_exactly_once(data_dir):
+    manifest = fd.load_manifest(data_dir)
+    stream = fd.TokenStream(data_dir, "val", manifest)
+    for max_tokens in (0, 1000):
+        n_pred = stream.num_tokens - 1 if max_tokens == 0 else max_tokens
+        targets = []
+        for rank in range(3):
+            for x, y, c in fd.val_batches(stream, 4, 64, max_tokens, "all", rank, 3):
+                targets.append(y[y != fd.IGNORE_INDEX])
+        targets = torch.cat(targets)
+        assert targets.numel() == n_pred
+        tokens, _, _ = stream.read(1, n_pred)
+        assert sorted(targets.tolist()) == sorted(tokens.astype(int).tolist())
+
+
+# ---------------------------------------------------------------- config and CLI
+
+def test_validate_config_lists_every_problem():
+    cfg = fd.TrainConfig(max_lr=0, batch_size=3, sequence_length=100, keep_last_n_checkpoints=0, loss_on="prompt")
+    with pytest.raises(fd.UserError) as e:
+        fd.validate_config(cfg, world_size=2)
+    msg = str(e.value)
+    for needle in ("--max_lr must be > 0", "--keep_last_n_checkpoints", "--loss_on", "valid --batch_size values"):
+        assert needle in msg
+    fd.validate_config(fd.TrainConfig())  # the guide's defaults are valid
+
+
+def test_cli_lists_invalid_values_in_one_error(data_dir, tmp_path):
+    r = run_trainer(data_dir, tmp_path / "log", "--max_lr", "-1", "--batch_size", "3", "--warmup_steps", "-2")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "--max_lr must be > 0" in r.stderr and "--warmup_steps" in r.stderr and "valid --batch_size" in r.stderr
+    assert not os.path.exists(tmp_path / "log" / "metrics.jsonl")
+
+
+def test_missing_data_dir_says_to_run_prepare(tmp_path):
+    r = run_trainer(tmp_path / "nothing", tmp_path / "log")
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "python model/prepare_dolly.py" in r.stderr
+
+
+def test_sequence_longer_than_block_size_is_refused(data_dir, tmp_path):
+    r = run_trainer(data_dir, tmp_path / "log", "--sequence_length", "128", "--total_batch_size", "1024")
+    assert r.returncode == 1 and "block_size" in r.stderr
+
+
+def test_fresh_run_will_not_overwrite_an_earlier_run(data_dir, tmp_path):
+    log = tmp_path / "log"
+    assert run_trainer(data_dir, log, "--max_steps", "2").returncode == 0
+    r = run_trainer(data_dir, log, "--max_steps", "2")
+    assert r.returncode == 1 and "--auto_resume" in r.stderr
+
+
+# ---------------------------------------------------------------- whole runs
+
+def test_loss_falls_and_same_seed_gives_same_metrics(data_dir, tmp_path):
+    args = ("--max_steps", "10", "--eval_interval", "5", "--max_lr", "3e-3", "--warmup_steps", "2")
+    a = run_trainer(data_dir, tmp_path / "a", *args)
+    b = run_trainer(data_dir, tmp_path / "b", *args)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr
+    ma, mb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert ma == mb
+    assert [m["step"] for m in ma] == list(range(0, 11))
+    val = [m["val_loss"] for m in ma if "val_loss" in m]
+    assert len(val) == 3 and val[0] > val[1] > val[2] and val[2] < val[0] - 0.2
+    assert ma[-1]["train_loss"] < ma[1]["train_loss"]
+    for key in ("train_loss", "lr", "grad_norm"):
+        assert all(math.isfinite(m[key]) for m in ma[1:])
+
+
+def test_num_epochs_sets_max_steps_from_data(data_dir, tmp_path):
+    manifest = fd.load_manifest(data_dir)
+    r = run_trainer(data_dir, tmp_path / "log", "--num_epochs", "0.01", "--eval_interval", "1000")
+    assert r.returncode == 0, r.stderr
+    expected = math.ceil(0.01 * manifest["splits"]["train"]["tokens"] / 1024)
+    assert read_metrics(tmp_path / "log")[-1]["step"] == expected
+
+
+def test_guide_warnings_for_out_of_guide_settings(data_dir, tmp_path):
+    r = run_trainer(data_dir, tmp_path / "log", "--max_steps", "1", "--weight_decay", "0", "--batch_size", "2",
+                    "--total_batch_size", "128")
+    assert r.returncode == 0, r.stderr
+    for needle in ("--max_lr 0.001 is high", "--weight_decay 0", "--batch_size 2 is outside"):
+        assert needle in r.stdout
