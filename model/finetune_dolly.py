@@ -534,10 +534,11 @@ class DataLoader:
     def state_dict(self):
         return {"position": self.position, "tokens_per_step": self.tokens_per_step, "stream_tokens": self.stream.num_tokens}
 
-    def load_state_dict(self, state):
-        if state["stream_tokens"] != self.stream.num_tokens:
-            raise UserError(f"the checkpoint's train data had {state['stream_tokens']} tokens, the shards now have {self.stream.num_tokens}")
-        self.position = int(state["position"])
+    def load_state_dict(self, state, allow_data_change=False):
+        if state["stream_tokens"] != self.stream.num_tokens and not allow_data_change:
+            raise UserError(f"the checkpoint's train data had {state['stream_tokens']} tokens, the shards now have "
+                            f"{self.stream.num_tokens}; re-run prepare_dolly.py as before, or pass --allow_data_change")
+        self.position = int(state["position"])  # with other data: continue at the same point of the epoch count
 
 
 def val_batches(stream, B, T, max_tokens, loss_on, rank, world_size):
@@ -791,17 +792,23 @@ class RunLock:
 class StopSignal:
     """SIGTERM/SIGINT ask the loop to stop after the current step and save; a second one exits at once."""
 
+    REPEAT_WINDOW_S = 3.0  # a repeat this soon is the same request delivered twice, not a second one
+
     def __init__(self):
-        self.requested = False
+        self.requested, self.requested_at = False, 0.0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.requested:
-            os._exit(128 + signum)
-        self.requested = True
+            # SLURM signals every process of the job and torchrun then forwards the signal to its workers again:
+            # exiting on that repeat would lose the checkpoint the first one asked for
+            if time.monotonic() - self.requested_at > self.REPEAT_WINDOW_S:
+                os._exit(128 + signum)
+            return
+        self.requested, self.requested_at = True, time.monotonic()
         print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
-              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+              f"(send it again, {self.REPEAT_WINDOW_S:g} s or more later, to exit at once)", file=sys.stderr, flush=True)
 
     def agreed(self, device):
         """True if any rank was signalled. Every rank calls this after every step, so all stop after the same one."""
@@ -947,8 +954,11 @@ def train(cfg, given=frozenset()):
         random.seed(cfg.seed)
         manifest = load_manifest(cfg.data_dir)
         if rank == 0:
-            os.makedirs(cfg.log_dir, exist_ok=True)
-            lock = RunLock(cfg.log_dir)
+            try:
+                os.makedirs(cfg.log_dir, exist_ok=True)
+                lock = RunLock(cfg.log_dir)
+            except OSError as e:
+                raise UserError(f"--log_dir {cfg.log_dir}: cannot write there ({e.strerror}); choose a writable directory") from None
             for name in os.listdir(cfg.log_dir):  # temp files of a save that was killed half-way
                 if ".pt.tmp" in name:
                     os.remove(os.path.join(cfg.log_dir, name))
@@ -988,7 +998,7 @@ def train(cfg, given=frozenset()):
         start_step, best_val_loss, prev_train_loss = 0, float("inf"), None
         if ckpt is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
-            loader.load_state_dict(ckpt["train_loader_state"])
+            loader.load_state_dict(ckpt["train_loader_state"], cfg.allow_data_change)
             restore_rng_state(ckpt["rng"])
             start_step, prev_train_loss = ckpt["step"], ckpt.get("prev_train_loss")
             best_val_loss = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else float("inf")

@@ -1,0 +1,249 @@
+"""Checkpoints and resume: atomic saves, rotation, SIGKILL/SIGTERM then --auto_resume == an uninterrupted run."""
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+import finetune_dolly as fd
+from conftest import ROOT, prepare, read_metrics, run_trainer, trainer_cmd
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"trainer exited early: {proc.communicate()}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def metrics_step(log_dir):
+    try:
+        return max(m["step"] for m in read_metrics(log_dir))
+    except (OSError, ValueError):
+        return -1
+
+
+def start_trainer(data_dir, log_dir, *extra):
+    return subprocess.Popen(trainer_cmd(data_dir, log_dir, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def final_weights(log_dir, step=6):
+    return torch.load(os.path.join(log_dir, fd.checkpoint_name(step)), weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted 6-step run: what every interrupted + resumed run must reproduce bit for bit."""
+    log = tmp_path_factory.mktemp("reference")
+    r = run_trainer(data_dir, log)
+    assert r.returncode == 0, r.stderr
+    return log
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def test_rotation_keeps_the_newest_and_sorts_numerically(tmp_path):
+    for step in (1, 2, 3, 4, 5, 9, 10):
+        (tmp_path / fd.checkpoint_name(step)).write_bytes(b"x")
+    (tmp_path / "model_best.pt").write_bytes(b"x")
+    (tmp_path / "notes.pt").write_bytes(b"x")
+    assert [s for s, _ in fd.list_checkpoints(tmp_path)] == [1, 2, 3, 4, 5, 9, 10]
+    fd.prune_checkpoints(tmp_path, 2)
+    assert sorted(os.listdir(tmp_path)) == ["model_00009.pt", "model_00010.pt", "model_best.pt", "notes.pt"]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        fd.prune_checkpoints(tmp_path, 0)
+    (tmp_path / "model_100000.pt").write_bytes(b"x")  # past 5 digits still sorts by number
+    fd.prune_checkpoints(tmp_path, 1)
+    assert [s for s, _ in fd.list_checkpoints(tmp_path)] == [100000]
+
+
+def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "model_00002.pt"
+    fd.atomic_torch_save({"a": torch.ones(3)}, str(path))
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        real_save(obj, f)  # half the bytes are on disk when the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        fd.atomic_torch_save({"a": torch.zeros(3)}, str(path))
+    assert os.listdir(tmp_path) == ["model_00002.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    fd.atomic_torch_save({"rng": fd.capture_rng_state()}, str(tmp_path / "r.pt"))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    fd.restore_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ---------------------------------------------------------------- the checkpoint file
+
+def test_checkpoint_holds_the_full_state_and_loads_weights_only(reference):
+    ckpt = torch.load(os.path.join(reference, "model_00006.pt"), weights_only=True)
+    for key in ("model", "optimizer", "step", "val_loss", "train_loader_state", "rng", "config", "model_config",
+                "init_source", "data_fingerprint", "best_val_loss", "format_version"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 6 and ckpt["train_loader_state"]["position"] == 6 * 1024
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert ckpt["init_source"] == "random"
+    # rotation kept the newest three, best is kept apart
+    assert [s for s, _ in fd.list_checkpoints(reference)] == [2, 4, 6] and os.path.exists(os.path.join(reference, "model_best.pt"))
+    best = torch.load(os.path.join(reference, "model_best.pt"), weights_only=True)
+    assert best["val_loss"] == min(m["val_loss"] for m in read_metrics(reference) if "val_loss" in m)
+
+
+def test_rotation_in_a_run_keeps_exactly_the_last_n(data_dir, tmp_path):
+    r = run_trainer(data_dir, tmp_path, "--checkpoint_interval", "1", "--keep_last_n_checkpoints", "2")
+    assert r.returncode == 0, r.stderr
+    assert [s for s, _ in fd.list_checkpoints(tmp_path)] == [5, 6]
+    assert os.path.exists(tmp_path / "model_best.pt")
+
+
+# ---------------------------------------------------------------- kill, stop, resume
+
+@pytest.mark.parametrize("kill_after_step", [1, 3, 4])
+def test_sigkill_then_auto_resume_equals_uninterrupted_run(data_dir, tmp_path, reference, kill_after_step):
+    proc = start_trainer(data_dir, tmp_path)
+    wait_for(lambda: metrics_step(tmp_path) >= kill_after_step, proc)
+    proc.kill()
+    proc.wait()
+    r = run_trainer(data_dir, tmp_path, "--auto_resume")
+    assert r.returncode == 0, r.stderr
+    assert read_metrics(tmp_path) == read_metrics(reference)  # every step exactly once, same numbers
+    assert_same_weights(final_weights(tmp_path), final_weights(reference))
+
+
+def test_sigkill_during_a_save_then_auto_resume(data_dir, tmp_path):
+    """A bigger model makes the save long enough to be caught half-written."""
+    args = ("--n_embd", "256", "--n_head", "4", "--max_steps", "4", "--eval_interval", "100")
+    ref = tmp_path / "ref"
+    assert run_trainer(data_dir, ref, *args).returncode == 0
+    log = tmp_path / "log"
+    proc = start_trainer(data_dir, log, *args)
+    temp = lambda: os.path.isdir(log) and any(".pt.tmp" in n for n in os.listdir(log))
+    wait_for(temp, proc)
+    proc.kill()
+    proc.wait()
+    r = run_trainer(data_dir, log, "--auto_resume", *args)
+    assert r.returncode == 0, r.stderr
+    assert not any(".tmp" in n for n in os.listdir(log))
+    assert read_metrics(log) == read_metrics(ref)
+    assert_same_weights(final_weights(log, 4), final_weights(ref, 4))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(data_dir, tmp_path, reference):
+    proc = start_trainer(data_dir, tmp_path)
+    wait_for(lambda: metrics_step(tmp_path) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == fd.EXIT_PREEMPTED, err
+    stopped_at = metrics_step(tmp_path)
+    if stopped_at < 6:
+        assert os.path.exists(tmp_path / fd.checkpoint_name(stopped_at))
+        assert "--auto_resume" in out
+    r = run_trainer(data_dir, tmp_path, "--auto_resume")
+    assert r.returncode == 0, r.stderr
+    assert read_metrics(tmp_path) == read_metrics(reference)
+    assert_same_weights(final_weights(tmp_path), final_weights(reference))
+
+
+def test_truncated_and_empty_newest_checkpoints_are_skipped(data_dir, tmp_path, reference):
+    log = tmp_path / "log"
+    assert run_trainer(data_dir, log, "--max_steps", "6").returncode == 0
+    os.remove(log / "model_00006.pt")
+    data = (log / "model_00004.pt").read_bytes()
+    (log / "model_00004.pt").write_bytes(data[: len(data) // 2])  # truncated
+    (log / "model_00005.pt").write_bytes(b"")  # zero bytes
+    r = run_trainer(data_dir, log, "--auto_resume")
+    assert r.returncode == 0, r.stderr
+    assert "skipping checkpoint" in r.stdout and "model_00005.pt: empty file" in r.stdout
+    assert "model_00004.pt: unreadable" in r.stdout and "resuming from" in r.stdout and "model_00002.pt" in r.stdout
+    assert read_metrics(log) == read_metrics(reference)
+    assert_same_weights(final_weights(log), final_weights(reference))
+
+
+def test_auto_resume_with_nothing_falls_back_or_fails_when_strict(data_dir, tmp_path):
+    r = run_trainer(data_dir, tmp_path / "a", "--auto_resume", "--max_steps", "1")
+    assert r.returncode == 0 and "fresh start" in r.stdout
+    r = run_trainer(data_dir, tmp_path / "b", "--auto_resume", "--strict_resume", "--max_steps", "1")
+    assert r.returncode == 1 and "no loadable checkpoint" in r.stderr
+
+
+def test_explicit_checkpoint_path_missing(data_dir, tmp_path):
+    r = run_trainer(data_dir, tmp_path, "--resume", "--checkpoint_path", str(tmp_path / "model_00100.pt"))
+    assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_overrides_flags_and_refuses_other_shape_or_data(data_dir, tmp_path, reference):
+    ckpt = os.path.join(reference, "model_00004.pt")
+    log = tmp_path / "log"
+    r = run_trainer(data_dir, log, "--resume", "--checkpoint_path", ckpt, "--max_lr", "5e-4", "--max_steps", "5")
+    assert r.returncode == 0, r.stderr
+    assert "max_lr: 0.001 -> 0.0005" in r.stdout
+    assert [m["step"] for m in read_metrics(log)] == [5]
+    r = run_trainer(data_dir, tmp_path / "shape", "--resume", "--checkpoint_path", ckpt, "--n_layer", "3")
+    assert r.returncode == 1 and "different model shape" in r.stderr and "n_layer 2 (checkpoint) vs 3" in r.stderr
+    other = prepare(tmp_path / "other", "--seed", "7")
+    r = run_trainer(other, tmp_path / "data", "--resume", "--checkpoint_path", ckpt)
+    assert r.returncode == 1 and "other data" in r.stderr and "--allow_data_change" in r.stderr
+    r = run_trainer(other, tmp_path / "data", "--resume", "--checkpoint_path", ckpt, "--allow_data_change")
+    assert r.returncode == 0, r.stderr
+
+
+def test_malicious_checkpoint_is_never_executed(data_dir, tmp_path, reference):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    log = tmp_path / "log"
+    log.mkdir()
+    good = torch.load(os.path.join(reference, "model_00004.pt"), weights_only=True)
+    torch.save({**good, "step": 6, "payload": Evil()}, log / "model_00006.pt")
+    torch.save(good, log / "model_00004.pt")
+    r = run_trainer(data_dir, log, "--auto_resume")
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    assert "refusing to load" in r.stdout and "resuming from" in r.stdout
+
+
+def test_two_runs_cannot_share_a_log_dir(data_dir, tmp_path):
+    proc = start_trainer(data_dir, tmp_path, "--max_steps", "2000", "--eval_interval", "1000")
+    try:
+        wait_for(lambda: metrics_step(tmp_path) >= 1, proc)
+        r = run_trainer(data_dir, tmp_path, "--auto_resume")
+        assert r.returncode == 1 and "in use by a running fine-tune" in r.stderr and f"pid {proc.pid}" in r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    # the killed run's lock is not stale: the next run takes it over
+    r = run_trainer(data_dir, tmp_path, "--auto_resume", "--max_steps", "2")
+    assert r.returncode == 0, r.stderr
+
+
+def test_save_into_an_unwritable_log_dir_fails_cleanly(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = run_trainer(data_dir, blocker / "log")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
