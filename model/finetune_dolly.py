@@ -746,27 +746,42 @@ def all_reduce_sum(values, device):
 
 
 class RunLog:
-    """log.txt (human, append-only) and metrics.jsonl (one JSON object per step) in the log dir; rank 0 only."""
+    """log.txt (human, append-only) and metrics.jsonl (one JSON object per step) in the log dir; rank 0 only.
+    On a terminal, a tqdm bar shows loss, lr, tokens/s and ETA; batch jobs (no terminal) get plain lines only."""
 
-    def __init__(self, log_dir, start_step):
+    def __init__(self, log_dir, start_step, max_steps):
         self.log_path, self.metrics_path = os.path.join(log_dir, "log.txt"), os.path.join(log_dir, "metrics.jsonl")
         # Steps after the checkpoint we start from will be done again (a fresh start redoes step 0 too):
         # drop their metrics so no step is duplicated.
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
                 kept = [line for line in f if line.strip() and 0 < start_step and json.loads(line)["step"] <= start_step]
-            with open(self.metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+            write_text_atomic(self.metrics_path, "".join(kept))
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
 
     def log(self, text):
-        print0(text)
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
         with open(self.log_path, "a") as f:
             f.write(text + "\n")
 
     def metrics(self, record):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def progress(self, step, loss, lr, tokens_per_sec):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class RunLock:
@@ -881,16 +896,52 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
 
 
 def write_samples(model, enc, prompts, cfg, step, device, autocast, runlog):
-    lines = [f"---- samples at step {step} ----"]
+    """Answers the manifest's fixed val instructions; logs them and keeps them in samples.jsonl, then renders
+    samples.md: each instruction with the answer before fine-tuning (step 0) beside the latest one."""
+    lines, records = [f"---- samples at step {step} ----"], []
     for i, p in enumerate(prompts):
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * step + i)  # same samples after a resume
-        prompt = format_prompt(p["instruction"], p["context"])
-        new = generate(model, enc.encode_ordinary(prompt), cfg.generate_max_tokens, cfg.temperature, cfg.top_k, gen, autocast=autocast)
-        lines.append(f"[{p['category']}] {p['instruction'][:200]}\n>>> {enc.decode(new).strip()}")
-    text = "\n".join(lines)
-    runlog.log(text)
-    with open(os.path.join(cfg.log_dir, "samples.txt"), "a") as f:
-        f.write(text + "\n")
+        prompt_tokens = enc.encode_ordinary(format_prompt(p["instruction"], p["context"]))
+        if len(prompt_tokens) >= model.config.block_size:
+            answer = f"(prompt of {len(prompt_tokens)} tokens does not fit the model's {model.config.block_size}-token context)"
+        else:
+            answer = enc.decode(generate(model, prompt_tokens, cfg.generate_max_tokens, cfg.temperature, cfg.top_k, gen, autocast=autocast)).strip()
+        lines.append(f"[{p['category']}] {p['instruction'][:200]}\n>>> {answer}")
+        records.append({"step": step, "category": p["category"], "instruction": p["instruction"], "answer": answer})
+    runlog.log("\n".join(lines))
+    path = os.path.join(cfg.log_dir, "samples.jsonl")
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = [r for r in map(json.loads, f) if r["step"] < step]  # answers from steps a resume redid are replaced
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in old + records))
+    first = {r["instruction"]: r["answer"] for r in old + records if r["step"] == 0}
+    md = [f"# Samples: before fine-tuning (step 0) and at step {step}\n", f"| category | instruction | step 0 | step {step} |", "|---|---|---|---|"]
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")
+    for r in records:
+        md.append(f"| {r['category']} | {cell(r['instruction'])} | {cell(first.get(r['instruction'], '-'))} | {cell(r['answer'])} |")
+    write_text_atomic(os.path.join(cfg.log_dir, "samples.md"), "\n".join(md) + "\n")
+
+
+def format_per_category(categories, losses):
+    return " ".join(f"{c} {loss:.3f}" for c, loss in zip(categories, losses) if loss is not None)
+
+
+def write_text_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def refresh_plot(log_dir, runlog):
+    """Redraws {log_dir}/loss.png from metrics.jsonl (needs matplotlib, an optional dependency)."""
+    from plot_loss import PlotError, plot_metrics
+    try:
+        plot_metrics(os.path.join(log_dir, "metrics.jsonl"), os.path.join(log_dir, "loss.png"))
+    except PlotError as e:
+        if not getattr(refresh_plot, "warned", False):
+            runlog.log(f"note: loss.png is not drawn: {e}")
+            refresh_plot.warned = True
 
 
 # -----------------------------------------------------------------------------
@@ -944,7 +995,7 @@ def train(cfg, given=frozenset()):
     rank, local_rank, world_size, device = setup_distributed(cfg)
     _IS_MASTER = rank == 0
     device_type = device.split(":")[0]
-    lock = None
+    lock = runlog = None
     try:
         validate_config(cfg, world_size)
         if cfg.threads > 0:
@@ -1011,10 +1062,11 @@ def train(cfg, given=frozenset()):
             from torch.nn.parallel import DistributedDataParallel as DDP
             train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-        runlog = RunLog(cfg.log_dir, start_step) if rank == 0 else None
+        runlog = RunLog(cfg.log_dir, start_step, cfg.max_steps) if rank == 0 else None
         stop = StopSignal()
         enc = get_tokenizer(verbose=rank == 0) if cfg.generate_interval > 0 and rank == 0 else None
         n_params = sum(p.numel() for p in model.parameters())
+        categories = manifest["categories"]
         if rank == 0:
             runlog.log(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
             runlog.log(f"device {device} x {world_size} process(es) | dtype {dtype} | compile {train_model is not model and cfg.compile} | "
@@ -1023,11 +1075,12 @@ def train(cfg, given=frozenset()):
                        f"({manifest['source']}) | {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {cfg.sequence_length} "
                        f"x {grad_accum} accum x {world_size} procs | {steps_per_epoch:.2f} steps/epoch | {cfg.max_steps} steps "
                        f"= {cfg.max_steps / steps_per_epoch:.2f} epochs")
+            per_category = {c: sum(manifest["splits"][sp]["tokens_per_category"].get(c, 0) for sp in ("train", "val")) for c in categories}
+            runlog.log("tokens per category (train + val): " + ", ".join(f"{c} {n:,}" for c, n in per_category.items()))
             for warning in guide_warnings(cfg, steps_per_epoch):
                 runlog.log(f"WARNING (guide): {warning}")
         fingerprint = data_fingerprint(manifest)
         prompts = manifest.get("sample_prompts", [])
-        categories = manifest["categories"]
 
         def save(step, val_loss, path_names):
             """Full checkpoint from rank 0 under each name; every rank learns whether it worked."""
@@ -1054,8 +1107,9 @@ def train(cfg, given=frozenset()):
             if val_stream is not None:
                 val_loss, per_cat = evaluate(model, val_stream, cfg, rank, world_size, device, autocast, len(categories))
                 if rank == 0:
-                    runlog.log(f"step {0:5d}/{cfg.max_steps} | val loss {val_loss:.4f} (before fine-tuning)")
+                    runlog.log(f"step {0:5d}/{cfg.max_steps} | val loss {val_loss:.4f} (before fine-tuning) | {format_per_category(categories, per_cat)}")
                     runlog.metrics({"step": 0, "val_loss": val_loss, "val_loss_per_category": dict(zip(categories, per_cat))})
+                    refresh_plot(cfg.log_dir, runlog)
             if rank == 0 and enc is not None:
                 write_samples(model, enc, prompts, cfg, 0, device, autocast, runlog)
 
@@ -1089,7 +1143,7 @@ def train(cfg, given=frozenset()):
                 val_loss, per_cat = evaluate(model, val_stream, cfg, rank, world_size, device, autocast, len(categories))
                 record.update(val_loss=val_loss, val_loss_per_category=dict(zip(categories, per_cat)))
                 if rank == 0:
-                    runlog.log(f"step {step:5d}/{cfg.max_steps} | val loss {val_loss:.4f}")
+                    runlog.log(f"step {step:5d}/{cfg.max_steps} | val loss {val_loss:.4f} | {format_per_category(categories, per_cat)}")
                     # the guide's overfitting check: val loss up while train loss still goes down
                     if val_loss > best_val_loss and prev_train_loss is not None and train_loss < prev_train_loss:
                         runlog.log("WARNING: overfitting detected: val loss rose above its best while train loss fell; "
@@ -1099,6 +1153,9 @@ def train(cfg, given=frozenset()):
                 prev_train_loss = train_loss
             if rank == 0:
                 runlog.metrics(record)
+                runlog.progress(step, train_loss, lr, tokens_per_step / dt)
+                if val_loss is not None:
+                    refresh_plot(cfg.log_dir, runlog)
                 if enc is not None and cfg.generate_interval > 0 and (step % cfg.generate_interval == 0 or last_step):
                     write_samples(model, enc, prompts, cfg, step, device, autocast, runlog)
             stopping = stop.agreed(device)
@@ -1112,6 +1169,8 @@ def train(cfg, given=frozenset()):
                 return EXIT_PREEMPTED
         return 0
     finally:
+        if runlog is not None:
+            runlog.close()
         if lock is not None:
             lock.release()
         if dist.is_initialized():

@@ -1,0 +1,249 @@
+"""
+Talk to a GPT-2 fine-tuned on Dolly-15k by model/finetune_dolly.py: one prompt, or an interactive loop.
+
+The instruction (and optional context) is rendered with the training template (prepare_dolly.format_prompt);
+the model answers until it emits <|endoftext|>, --max_new_tokens or its block size. Sampling is seeded, so the
+same --seed and prompt give the same answer on the same machine.
+
+Run:
+    python model/chat.py                                                  # newest checkpoint in logs_finetune/, interactive
+    python model/chat.py --checkpoint logs_finetune/model_best.pt         # the checkpoint with the lowest val loss
+    python model/chat.py --prompt "Give me three tips for a job interview." --seed 7
+    python model/chat.py --prompt "Who wrote Hamlet?" --context "Hamlet is a tragedy by William Shakespeare."
+    python model/chat.py --checkpoint logs/model_19072.pt                 # build-nanogpt's model, before fine-tuning
+    python model/chat.py --checkpoint gpt2                                # OpenAI's GPT-2 (Hub name, or a downloaded dir)
+
+Interactive: type an instruction and press Enter; a line `context: TEXT` attaches a context to the next
+instruction; `quit`, Ctrl-D or Ctrl-C at the prompt exits; Ctrl-C during an answer stops that answer.
+Exit status: 0 done; 1 error (one line says what to do); 2 bad command line.
+"""
+
+import argparse
+import codecs
+import os
+import re
+import sys
+from contextlib import nullcontext, redirect_stdout
+
+import torch
+
+import finetune_dolly as fd
+from prepare_dolly import DataError, format_prompt, get_tokenizer
+
+DEFAULT_LOG_DIR = "logs_finetune"
+HELP_LINE = ("Type an instruction and press Enter. 'context: TEXT' attaches a context to the next instruction; "
+             "'quit' or Ctrl-D exits; Ctrl-C stops an answer.")
+
+# -----------------------------------------------------------------------------
+# loading the model: every format the trainer can start from, through the trainer's own loaders
+
+
+def model_from_finetune_checkpoint(path, ckpt):
+    """A GPT from a checkpoint that fd.load_checkpoint accepted. Returns (model, description)."""
+    model = fd.GPT(fd.GPTConfig(**ckpt["model_config"]))
+    fd.load_state_dict_checked(model, ckpt["model"], path)
+    if ckpt.get("init_source") == "random":
+        print(f"note: {path} was fine-tuned from a random init, not a pretrained GPT-2; expect little sense", file=sys.stderr)
+    val = f", val loss {ckpt['val_loss']:.4f}" if isinstance(ckpt.get("val_loss"), float) else ""
+    return model, f"{path} (fine-tuned, step {ckpt['step']}{val}, from {ckpt.get('init_source', '?')})"
+
+
+def load_pretrained_model(cfg):
+    """fd.load_pretrained, for models that were never fine-tuned. Returns (model, description)."""
+    model, source = fd.load_pretrained(cfg)
+    print(f"note: {source} is not fine-tuned on Dolly; expect it to follow the instruction template poorly", file=sys.stderr)
+    return model, source
+
+
+def load_model(checkpoint):
+    """Loads a model on the CPU. checkpoint is one of: a fine-tune checkpoint (model_NNNNN.pt, model_best.pt);
+    a fine-tune --log_dir (its newest loadable model_NNNNN.pt, else model_best.pt); a build-nanogpt checkpoint or
+    bare state dict; a Hub name (gpt2, ...) or a Hub-layout dir. Returns (model, description).
+    Raises fd.UserError saying what is wrong with the file."""
+    if checkpoint == DEFAULT_LOG_DIR and not os.path.exists(checkpoint):
+        raise fd.UserError(f"no {DEFAULT_LOG_DIR}/ here to take the newest checkpoint from; fine-tune first with "
+                           f"`python model/finetune_dolly.py`, run from the repo root, or pass --checkpoint PATH")
+    is_hub_dir = os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json"))
+    if os.path.isdir(checkpoint) and not is_hub_dir:
+        path, ckpt = fd.find_resume_checkpoint(checkpoint)  # warns about (and skips) broken ones
+        if ckpt is None:
+            path = os.path.join(checkpoint, "model_best.pt")
+            if not os.path.isfile(path):
+                raise fd.UserError(f"no checkpoint in {checkpoint}/ (no model_NNNNN.pt or model_best.pt); fine-tune first with "
+                                   f"`python model/finetune_dolly.py --log_dir {checkpoint}`, or pass --checkpoint PATH (e.g. gpt2)")
+            ckpt = fd.load_checkpoint(path)
+        return model_from_finetune_checkpoint(path, ckpt)
+    # anything else goes through the trainer's pretrained loader; strict_resume turns its random-init fallback into an error
+    pretrained_cfg = fd.TrainConfig(pretrained_checkpoint=checkpoint, strict_resume=True)
+    if checkpoint in fd.HUB_MODELS or is_hub_dir:
+        return load_pretrained_model(pretrained_cfg)
+    if not os.path.isfile(checkpoint):
+        raise fd.UserError(f"--checkpoint {checkpoint}: no such file; pass a fine-tune checkpoint (logs_finetune/model_best.pt), "
+                           f"its log dir, a build-nanogpt checkpoint (logs/model_19072.pt) or a Hub name ({', '.join(fd.HUB_MODELS)})")
+    try:
+        return model_from_finetune_checkpoint(checkpoint, fd.load_checkpoint(checkpoint))
+    except fd.UserError as e:
+        if "not a full fine-tune checkpoint" not in str(e):
+            raise  # empty, truncated, unsafe or from another format version: the message says which
+    # a readable file without the fine-tune keys: build-nanogpt's checkpoint or a state dict. load_pretrained reads
+    # the file again; that costs a second or so next to a chat session, and keeps one loader per format.
+    return load_pretrained_model(pretrained_cfg)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise fd.UserError(f"--device {name}, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise fd.UserError("--device mps, but this torch has no Apple MPS support; use --device cpu")
+    return name
+
+
+# -----------------------------------------------------------------------------
+# one answer
+
+
+def respond(model, enc, instruction, context="", max_new_tokens=256, temperature=0.8, top_k=50, generator=None,
+            autocast=nullcontext(), on_text=None):
+    """Samples the model's response to instruction (+ context), rendered as in training. on_text(str), if given,
+    receives the text piece by piece as it is generated. Returns (response text, why it stopped: 'eot',
+    'max_new_tokens' or 'block_size'). Raises fd.UserError if the prompt leaves no room in the block."""
+    prompt = enc.encode_ordinary(format_prompt(instruction, context))
+    block_size = model.config.block_size
+    if len(prompt) >= block_size:
+        raise fd.UserError(f"the prompt is {len(prompt)} tokens but the model reads at most {block_size}; "
+                           f"shorten the instruction or the context")
+    on_token = None
+    if on_text is not None:
+        # a token can end inside a multi-byte UTF-8 character (emoji, CJK): hold its bytes until the character is whole
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        started = False
+
+        def on_token(token):
+            nonlocal started
+            piece = decoder.decode(enc.decode_single_token_bytes(token))
+            if not started:  # leading whitespace is dropped, as .strip() does for the returned text
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                on_text(piece)
+    tokens = fd.generate(model, prompt, max_new_tokens, temperature, top_k, generator, autocast=autocast, on_token=on_token)
+    if len(tokens) >= max_new_tokens:
+        stop = "max_new_tokens"
+    elif len(prompt) + len(tokens) > block_size:  # generate() stops once the sequence outgrows the block
+        stop = "block_size"
+    else:
+        stop = "eot"
+    return enc.decode(tokens).strip(), stop
+
+
+def stop_note(stop, max_new_tokens, block_size):
+    if stop == "max_new_tokens":
+        return f"[cut at --max_new_tokens {max_new_tokens}]"
+    if stop == "block_size":
+        return f"[cut at the model's context length, {block_size} tokens]"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# interactive loop
+
+
+def chat_loop(model, enc, args, generator, autocast):
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(HELP_LINE)
+    context = ""
+    while True:
+        try:
+            line = input("\n> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line.lower() in ("quit", "exit"):
+            return 0
+        if line.lower().startswith("context:"):
+            context = line[len("context:"):].strip()
+            print(f"(context of {len(context)} characters set for the next instruction)" if context else "(context cleared)")
+            continue
+        try:
+            _, stop = respond(model, enc, line, context, args.max_new_tokens, args.temperature, args.top_k, generator,
+                              autocast, on_text=lambda piece: print(piece, end="", flush=True))
+            print()
+            note = stop_note(stop, args.max_new_tokens, model.config.block_size)
+            if note:
+                print(note)
+        except KeyboardInterrupt:
+            print("\n[stopped]")
+        except fd.UserError as e:
+            print(f"error: {e}")
+        context = ""  # a context belongs to one instruction
+
+
+# -----------------------------------------------------------------------------
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a GPT-2 fine-tuned on Dolly-15k (model/finetune_dolly.py).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_LOG_DIR,
+                   help="fine-tune checkpoint (model_NNNNN.pt, model_best.pt) or its log dir (newest model_NNNNN.pt), "
+                        "build-nanogpt checkpoint, Hub name (gpt2, ...) or Hub-layout dir")
+    p.add_argument("--prompt", default=None, help="one instruction: print the response and exit (default: interactive)")
+    p.add_argument("--context", default="", help="context for --prompt (the Dolly 'context' field)")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed; the same seed and prompt give the same answer")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per answer")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or args.top_k < 0:
+        p.error(f"--temperature and --top_k must be >= 0, got {args.temperature}/{args.top_k}")
+    if not (args.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", args.device)):
+        p.error(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
+    if args.prompt is not None and not args.prompt.strip():
+        p.error("--prompt is empty; give an instruction, or leave --prompt out to chat")
+    if args.context and args.prompt is None:
+        p.error("--context goes with --prompt; in interactive mode type 'context: TEXT' before the instruction")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        device = resolve_device(args.device)
+        with redirect_stdout(sys.stderr):  # the loaders' notes and warnings stay out of the answer on stdout
+            model, source = load_model(args.checkpoint)
+            enc = get_tokenizer(verbose=False)
+        model.to(device).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"loaded {source}: {n_params / 1e6:.1f}M params, context {model.config.block_size} tokens, on {device}", file=sys.stderr)
+        use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        if args.prompt is None:
+            return chat_loop(model, enc, args, generator, autocast)
+        text, stop = respond(model, enc, args.prompt, args.context, args.max_new_tokens, args.temperature, args.top_k,
+                             generator, autocast)
+        print(text)
+        note = stop_note(stop, args.max_new_tokens, model.config.block_size)
+        if note:
+            print(note, file=sys.stderr)
+        return 0
+    except (fd.UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return fd.EXIT_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
