@@ -28,10 +28,10 @@ Run:
 """
 
 import argparse
-import array
 import base64
 import hashlib
 import json
+import operator
 import os
 import random
 import shutil
@@ -84,8 +84,11 @@ def get_tokenizer(verbose=True):
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # no internet (compute nodes, CI): tiktoken raises a requests error
         reason = f"{type(e).__name__}"
-    with open(BUNDLED_RANKS, "rb") as f:
-        data = f.read()
+    try:
+        with open(BUNDLED_RANKS, "rb") as f:
+            data = f.read()
+    except OSError as e:  # not left to prepare(), which would blame --output_dir
+        raise DataError(f"{BUNDLED_RANKS}: cannot read ({e.strerror}); restore it with `git checkout model/gpt2.tiktoken`")
     if hashlib.sha256(data).hexdigest() != BUNDLED_RANKS_SHA256:
         raise DataError(f"{BUNDLED_RANKS} is corrupt (sha256 mismatch); restore it with `git checkout model/gpt2.tiktoken`")
     ranks = {}
@@ -100,10 +103,16 @@ def get_tokenizer(verbose=True):
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=VOCAB_SIZE)
 
 
+def format_example(record):
+    """Returns (prompt, response) text of one record; the example is prompt + response + <|endoftext|>."""
+    return format_prompt(record["instruction"], record["context"]), record["response"].strip()
+
+
 def tokenize_example(enc, record):
     """Returns (tokens, mask) of one record: mask is 1 on the response tokens and the closing EOT."""
-    prompt = enc.encode_ordinary(format_prompt(record["instruction"], record["context"]))
-    response = enc.encode_ordinary(record["response"].strip()) + [EOT]
+    prompt_text, response_text = format_example(record)
+    prompt = enc.encode_ordinary(prompt_text)
+    response = enc.encode_ordinary(response_text) + [EOT]
     return prompt + response, [0] * len(prompt) + [1] * len(response)
 
 
@@ -118,6 +127,12 @@ def check_record(record, where):
             raise DataError(f"{where}: missing field '{field}' (Dolly records need {', '.join(FIELDS)}); fix or remove that record")
         if not isinstance(record[field], str):
             raise DataError(f"{where}: field '{field}' must be a string, got {type(record[field]).__name__}")
+        if not record[field].isascii():  # JSON may escape half a surrogate pair, which no UTF-8 file can hold
+            try:
+                record[field].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: field '{field}' holds an unpaired surrogate {record[field][e.start]!r} "
+                                f"(a broken emoji or non-BMP character); fix that record")
     return {field: record[field] for field in FIELDS}  # a copy: the input is never modified
 
 
@@ -142,7 +157,11 @@ def read_local(path):
     try:
         if path.endswith(".parquet"):
             import datasets
-            rows = datasets.Dataset.from_parquet(path)
+            try:
+                rows = datasets.Dataset.from_parquet(path)
+            except Exception as e:  # pyarrow's ArrowInvalid and friends are no OSError
+                raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                                f"pass the original JSONL file")
             return [check_record(r, f"{path}:row {i + 1}") for i, r in enumerate(rows)]
         if path.endswith(".json"):
             with open(path, encoding="utf-8") as f:
@@ -185,7 +204,11 @@ def load_records(input_path):
             raise
         except Exception as e:
             reason = f"loading {HF_DATASET} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-    records = read_jsonl(BUNDLED_SAMPLE)
+    try:
+        records = read_jsonl(BUNDLED_SAMPLE)
+    except OSError as e:  # not left to prepare(), which would blame --output_dir
+        raise DataError(f"{reason}, and the bundled sample {BUNDLED_SAMPLE} cannot be read ({e.strerror}); "
+                        f"restore it with `git checkout dolly15k/dolly_sample.jsonl`, or pass --input PATH")
     bar = "!" * 100
     print(f"{bar}\nWARNING: {reason}; using the bundled sample {os.path.relpath(BUNDLED_SAMPLE)}: "
           f"{len(records)} of Dolly-15k's 15,011 records.\nFor the full set, run this on a machine with "
@@ -209,6 +232,7 @@ def split_records(records, val_fraction, seed):
         n_val = round(len(group) * val_fraction)
         if val_fraction > 0 and n_val == 0 and len(group) >= 2:
             n_val = 1  # every category with two or more records gets a val example
+        n_val = min(n_val, len(group) - 1)  # ... and keeps at least one in train, so train is never empty
         val += group[:n_val]
         train += group[n_val:]
     rng.shuffle(train)  # mix categories in the training stream
@@ -236,28 +260,37 @@ def write_split(enc, split, records, category_ids, shard_size, out_dir, progress
     from tqdm import tqdm
     stats = {"records": len(records), "tokens": 0, "response_tokens": 0, "max_example_tokens": 0,
              "tokens_per_category": Counter(), "records_per_category": Counter()}
-    # The whole split stays in memory as packed arrays (Dolly-15k: ~3M tokens, 9 MB); extending an array.array
-    # is one C call per example, where copying each example into numpy buffers costs three.
-    tokens, mask, lengths = array.array("H"), array.array("B"), []
+    # The same tokens and mask as tokenize_example, without a Python int per token: encode_to_numpy with no
+    # special tokens is encode_ordinary, and its ids go straight into one buffer per split (~15% faster).
+    # The split stays in memory (Dolly-15k: ~3M tokens, 12 MB as uint32).
+    ids, lengths = bytearray(), []  # uint32 token ids; per example: prompt length, response length + 1 (EOT)
+    eot = np.array([EOT], dtype=np.uint32).tobytes()
     for record in tqdm(records, desc=f"tokenizing {split}", unit="rec", disable=not progress, leave=False):
-        example_tokens, example_mask = tokenize_example(enc, record)
-        tokens.extend(example_tokens)
-        mask.extend(example_mask)
-        lengths.append(len(example_tokens))
-        stats["tokens_per_category"][record["category"]] += len(example_tokens)
+        prompt_text, response_text = format_example(record)
+        prompt = enc.encode_to_numpy(prompt_text, disallowed_special=())
+        response = enc.encode_to_numpy(response_text, disallowed_special=())
+        ids += prompt.data
+        ids += response.data
+        ids += eot
+        lengths += (len(prompt), len(response) + 1)
+        stats["tokens_per_category"][record["category"]] += len(prompt) + len(response) + 1
         stats["records_per_category"][record["category"]] += 1
-    arrays = {"tokens": np.frombuffer(tokens, dtype=np.uint16), "mask": np.frombuffer(mask, dtype=np.uint8),
-              "category": np.repeat(np.array([category_ids[r["category"]] for r in records], dtype=np.uint8), lengths)}
-    stats["tokens"] = len(tokens)
-    stats["response_tokens"] = int(arrays["mask"].sum())
-    stats["max_example_tokens"] = max(lengths, default=0)
+    lengths = np.array(lengths, dtype=np.int64).reshape(-1, 2)
+    example_lengths = lengths.sum(axis=1)
+    arrays = {"tokens": np.frombuffer(ids, dtype=np.uint32).astype(np.uint16),
+              "mask": np.repeat(np.tile(np.array([0, 1], dtype=np.uint8), len(records)), lengths.ravel()),
+              "category": np.repeat(np.array([category_ids[r["category"]] for r in records], dtype=np.uint8), example_lengths)}
+    n_tokens = len(arrays["tokens"])
+    stats["tokens"] = n_tokens
+    stats["response_tokens"] = int(lengths[:, 1].sum())
+    stats["max_example_tokens"] = int(example_lengths.max(initial=0))
     shards = []
-    for start in range(0, len(tokens), shard_size):
+    for start in range(0, n_tokens, shard_size):
         names = {kind: shard_name(split, kind, len(shards)) for kind in arrays}
         for kind, name in names.items():
             save_npy_atomic(os.path.join(out_dir, name), arrays[kind][start:start + shard_size])
         shards.append({"tokens": names["tokens"], "mask": names["mask"], "category": names["category"],
-                       "num_tokens": min(shard_size, len(tokens) - start)})
+                       "num_tokens": min(shard_size, n_tokens - start)})
     stats["mean_example_tokens"] = round(stats["tokens"] / max(1, len(records)), 2)
     for key in ("tokens_per_category", "records_per_category"):
         stats[key] = dict(sorted(stats[key].items()))
@@ -277,11 +310,13 @@ def sample_prompts(val_records):
 
 
 def records_hash(records):
-    h = hashlib.sha256()
-    for record in records:
-        h.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
+    """sha256 of the records as JSON lines: json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n" each."""
+    # Records hold exactly the string FIELDS (check_record), so each line is a fixed template filled with json's
+    # own string escaping: the same bytes as json.dumps, in about half the time (json.dumps builds an encoder per call).
+    template = "{" + ", ".join(f'"{field}": %s' for field in sorted(FIELDS)) + "}\n"
+    values = operator.itemgetter(*sorted(FIELDS))
+    text = "".join([template % tuple(map(json.encoder.encode_basestring, values(record))) for record in records])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -344,7 +379,7 @@ def prepare(args):
             "splits": splits,
             "sample_prompts": sample_prompts(val),
         }
-        with open(os.path.join(staging, "manifest.json"), "w") as f:
+        with open(os.path.join(staging, "manifest.json"), "w", encoding="utf-8") as f:  # not the locale's
             json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.write("\n")
         # Publish: shards first, manifest last, then drop shards of an earlier run that the manifest does not list.
