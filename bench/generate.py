@@ -1,0 +1,150 @@
+"""
+Generation speed of model/finetune_dolly.py's generate() with the KV cache against without it.
+
+    (a) KV cache    the prompt once, then one token per step against the cached keys/values of each layer
+    (b) no cache    generate(use_cache=False): the whole sequence (prompt + everything generated so far) through the
+                    model at every step; GPT.forward without targets applies the output layer at every position
+    (c) no cache, last logits   nanoGPT's generate(): like (b), but the output layer (50304 x n_embd, the largest
+                    matmul of a small model) only at the last position. The fairer baseline, timed here too.
+
+Greedy decoding of NEW_TOKENS (256) new tokens after a Dolly-style prompt, on a random-init model in fp32 (speed
+does not depend on the weights). The EOT row of the output layer is zeroed (logit 0 loses to the best of 50,256
+random logits) so that no run stops early, and all three must produce the same tokens. Rounds are interleaved
+(a, b, c, a, b, c, ...) so drift in machine load hits all alike; a short warm-up (16 tokens each) is not counted;
+the median round is reported. Goal:
+    KV cache >= 5x no cache in new tokens/s at 256 new tokens      (also reported against (c))
+
+Run (CPU; the small model took 7 min on a busy 2-core box (load ~4.5, --threads 1, which is fastest there), mostly
+in (b); the 124M shape needs ~10 min per round there, so run it on a bigger machine or a GPU):
+    python bench/generate.py
+    python bench/generate.py --threads 1 --rounds 5
+    python bench/generate.py --model both --device cuda
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "model"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
+
+import finetune_dolly as fd  # noqa: E402
+from prepare_dolly import EOT, VOCAB_SIZE, format_prompt, get_tokenizer  # noqa: E402
+
+NEW_TOKENS = 256
+GOAL = 5.0  # KV cache / no cache, new tokens per second
+SHAPES = {  # name: (n_layer, n_head, n_embd, block_size); vocab 50304 as build-nanogpt
+    "small": (6, 6, 384, 512),
+    "124M": (12, 12, 768, 1024),
+}
+PROMPT = format_prompt("Summarize the main idea of the text in two sentences.",
+                       "Virgin Australia, the trading name of Virgin Australia Airlines Pty Ltd, is an Australian-based "
+                       "airline. It is the largest airline by fleet size to use the Virgin brand.")
+
+# -----------------------------------------------------------------------------
+
+
+def build_model(shape, device):
+    n_layer, n_head, n_embd, block_size = SHAPES[shape]
+    torch.manual_seed(0)
+    model = fd.GPT(fd.GPTConfig(block_size=block_size, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    with torch.no_grad():
+        model.lm_head.weight[EOT] = 0.0  # a random model could pick EOT and stop early; make it lose to the others
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def generate_last_logits(model, prompt, max_new_tokens):
+    """nanoGPT's greedy generate(): no cache, the whole sequence every step, the output layer at the last position only."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    out = []
+    for _ in range(max_new_tokens):
+        x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.size(1), device=device))
+        for block in model.transformer.h:
+            x = block(x)
+        logits = model.lm_head(model.transformer.ln_f(x[:, -1:]))
+        next_id = int(torch.argmax(logits[0, -1, :VOCAB_SIZE]))
+        if next_id == EOT:
+            break
+        out.append(next_id)
+        idx = torch.cat([idx, torch.tensor([[next_id]], device=device)], dim=1)
+    return out
+
+
+METHODS = {
+    "KV cache": lambda model, prompt, n: fd.generate(model, prompt, n, temperature=0, use_cache=True),
+    "no cache": lambda model, prompt, n: fd.generate(model, prompt, n, temperature=0, use_cache=False),
+    "no cache, last logits": generate_last_logits,
+}
+
+
+def timed(fn, model, prompt, n, device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn(model, prompt, n)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def bench(shape, prompt, rounds, device):
+    """Returns {method: median seconds} and whether all methods produced the same tokens."""
+    model = build_model(shape, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    for fn in METHODS.values():  # warm-up: allocator, kernels, first-call costs
+        timed(fn, model, prompt, 16, device)
+    seconds = {name: [] for name in METHODS}
+    outputs = {}
+    for _ in range(rounds):
+        for name, fn in METHODS.items():
+            dt, outputs[name] = timed(fn, model, prompt, NEW_TOKENS, device)
+            seconds[name].append(dt)
+    for name, out in outputs.items():
+        if len(out) != NEW_TOKENS:
+            raise SystemExit(f"{shape}: {name} generated {len(out)} tokens, not {NEW_TOKENS} (EOT or block size); the timing would be off")
+    same = all(out == outputs["KV cache"] for out in outputs.values())
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    print(f"{shape} ({n_params / 1e6:.1f}M params, {model.config.n_layer} layers, {model.config.n_embd} wide), "
+          f"prompt {len(prompt)} + {NEW_TOKENS} new tokens, median of {rounds} interleaved rounds:")
+    for name, s in seconds.items():
+        print(f"  {name:22s} {median[name]:8.2f} s | {NEW_TOKENS / median[name]:8.1f} new tokens/s "
+              f"(min {min(s):.2f} s, max {max(s):.2f} s)")
+    print(f"  same tokens from all three: {'yes' if same else 'NO'}")
+    return median, same
+
+
+def main():
+    p = argparse.ArgumentParser(description="Benchmark generate() with and without the KV cache.")
+    p.add_argument("--model", default="small", choices=[*SHAPES, "both"], help="model shape (random init, vocab 50304)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds; the median is reported")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be positive, got {args.rounds}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    prompt = get_tokenizer(verbose=False).encode_ordinary(PROMPT)
+    print(f"device {args.device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+
+    missed = 0
+    for shape in (SHAPES if args.model == "both" else [args.model]):
+        median, same = bench(shape, prompt, args.rounds, args.device)
+        for baseline in ("no cache", "no cache, last logits"):
+            ratio = median[baseline] / median["KV cache"]
+            ok = ratio >= GOAL and same
+            missed += not ok
+            print(f"{'PASS' if ok else 'MISS'}: {shape}: KV cache is {ratio:.1f}x {baseline} in new tokens/s at {NEW_TOKENS} new tokens "
+                  f"(goal >= {GOAL:g}x{'' if same else '; and the tokens differ'})")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

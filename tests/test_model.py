@@ -1,0 +1,398 @@
+"""The GPT-2 model of model/finetune_dolly.py: loading (Hub layout, build-nanogpt files, bare state dicts, unsafe
+pickles, mismatched weights), the chunked loss against the plain one, and generation (KV cache, EOT, padding ids,
+seeded sampling). Tiny models on CPU in fp32; no downloads."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune_dolly as fd
+
+EOT = 50256  # <|endoftext|>
+PADDED_VOCAB = 50304  # build-nanogpt's vocab_size (50257 rounded up to a multiple of 128)
+
+
+def tiny_gpt(seed=0, vocab_size=PADDED_VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=64, std=None):
+    """A tiny random GPT. std: redraw every parameter from N(0, std), so attention and the LayerNorms do real work
+    (GPT-2's init gives near-uniform attention and near-zero logits, which hide position and cache bugs)."""
+    torch.manual_seed(seed)
+    model = fd.GPT(fd.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    if std is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0, std)
+    return model.eval()
+
+
+def cfg_for(path, **kw):
+    return fd.TrainConfig(pretrained_checkpoint=str(path), **kw)
+
+
+def assert_same_weights(model, reference):
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are fastest on one thread, and much faster on a shared, loaded machine (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def data_dir(root, tmp_path_factory):
+    """Shards of the bundled Dolly sample (prepare_dolly.py works offline in about a second)."""
+    out = tmp_path_factory.mktemp("dolly")
+    subprocess.run([sys.executable, os.path.join(root, "model", "prepare_dolly.py"), "--output_dir", str(out), "--quiet"],
+                   check=True, capture_output=True, cwd=str(out), timeout=120)
+    assert (out / "manifest.json").is_file()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 1. the Hugging Face layout: same logits as transformers' GPT2LMHeadModel
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+    with torch.no_grad():  # nonzero biases, non-unit LayerNorms, larger weights: a missed transpose or a wrong GELU shows
+        for name, p in hf.named_parameters():
+            p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.2)
+    hf.eval()
+    path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(str(path), safe_serialization=True)
+    return path, hf
+
+
+def test_from_pretrained_matches_transformers_logits(hf_dir):
+    path, hf = hf_dir
+    model = fd.GPT.from_pretrained(str(path)).eval()
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size, model.config.vocab_size) == (2, 2, 32, 64, 50257)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        got, _ = model(idx)
+    assert want.abs().max() > 1.0  # the check below means something
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_load_pretrained_hub_dir(hf_dir):
+    path, hf = hf_dir
+    model, source = fd.load_pretrained(cfg_for(path))
+    assert source == f"hub:{path}"
+    assert torch.equal(model.transformer.wpe.weight, hf.transformer.wpe.weight)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied after loading
+
+
+def test_hub_dir_without_weights_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(fd.UserError, match="expected config.json and model.safetensors"):
+        fd.load_pretrained(cfg_for(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# 2. build-nanogpt's train_gpt2.py checkpoints: {'model', 'config': __main__.GPTConfig, 'step', 'val_loss'}
+
+NANOGPT_WRITER = r"""
+import sys
+from dataclasses import dataclass
+import torch
+
+@dataclass
+class GPTConfig:  # build-nanogpt's train_gpt2.py, pickled as __main__.GPTConfig
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+sd_path, out_dir = sys.argv[1], sys.argv[2]
+sd = torch.load(sd_path, weights_only=True)
+config = GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
+for prefix in ("_orig_mod.", "module."):  # torch.compile'd / DDP-wrapped model saved without unwrapping
+    model = {prefix + k: v for k, v in sd.items()}
+    torch.save({"model": model, "config": config, "step": 19072, "val_loss": 3.1}, f"{out_dir}/{prefix.strip('.')}.pt")
+# nanoGPT without flash attention also saves each layer's causal-mask buffer
+with_mask = dict(sd, **{f"transformer.h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 32, 32)) for i in range(2)})
+torch.save({"model": with_mask, "config": config, "step": 5000, "val_loss": 3.3}, f"{out_dir}/mask.pt")
+"""
+
+
+@pytest.fixture(scope="module")
+def nanogpt_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nanogpt")
+    reference = tiny_gpt(seed=3, vocab_size=50304, n_embd=16, block_size=32)
+    torch.save(reference.state_dict(), out / "sd.pt")
+    subprocess.run([sys.executable, "-c", NANOGPT_WRITER, str(out / "sd.pt"), str(out)], check=True, timeout=120)
+    return out, reference
+
+
+@pytest.mark.parametrize("name", ["_orig_mod", "module", "mask"])
+def test_load_build_nanogpt_checkpoint(nanogpt_files, name):
+    out, reference = nanogpt_files
+    model, source = fd.load_pretrained(cfg_for(out / f"{name}.pt", n_layer=12, n_head=12, n_embd=768, vocab_size=50257))
+    # the shape comes from the pickled GPTConfig (n_head 2 cannot be read off the tensors), not from the flags
+    assert model.config == fd.GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
+    assert_same_weights(model, reference)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    step = 5000 if name == "mask" else 19072
+    assert source == f"pretrained:{out / f'{name}.pt'}, pretrained step {step}"
+
+
+def test_load_bare_state_dict_infers_shape(tmp_path):
+    reference = tiny_gpt(seed=4, vocab_size=50304, n_layer=3, n_head=2, n_embd=128, block_size=48)
+    path = tmp_path / "bare.pt"
+    torch.save({"_orig_mod." + k: v for k, v in reference.state_dict().items()}, path)
+    model, source = fd.load_pretrained(cfg_for(path))
+    assert model.config == fd.GPTConfig(block_size=48, vocab_size=50304, n_layer=3, n_head=2, n_embd=128)  # heads 64 wide
+    assert_same_weights(model, reference)
+    assert source == f"pretrained:{path}"  # no step in a bare state dict
+
+
+def test_not_a_gpt2_state_dict(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(fd.UserError, match=r"not a GPT-2 state dict"):
+        fd.load_pretrained(cfg_for(path))
+
+
+# -----------------------------------------------------------------------------
+# 3. a pickle that runs code is refused before it runs
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil_checkpoint(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"transformer.wte.weight": torch.zeros(2, 2)}, "config": _Evil(marker), "step": 1}, path)
+    return path, marker
+
+
+def test_malicious_pickle_is_refused(evil_checkpoint):
+    path, marker = evil_checkpoint
+    with pytest.raises(fd.UserError, match="refusing to load"):
+        fd.load_pretrained(cfg_for(path))
+    assert not marker.exists()
+
+
+def test_malicious_pickle_is_refused_by_the_cli(root, evil_checkpoint, data_dir, tmp_path):
+    path, marker = evil_checkpoint
+    proc = subprocess.run([sys.executable, os.path.join(root, "model", "finetune_dolly.py"), "--pretrained_checkpoint", str(path),
+                           "--data_dir", str(data_dir), "--log_dir", str(tmp_path / "logs"), "--device", "cpu", "--compile", "off"],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "refusing to load" in errors[0] and "only load files you trust" in errors[0], proc.stderr
+    assert not marker.exists()
+
+
+# -----------------------------------------------------------------------------
+# 4. weights that do not fit the model: the error names the key
+
+def write_with_config(path, sd, config):
+    torch.save({"model": sd, "model_config": vars(config), "step": 7}, path)
+
+
+def test_wrong_shape_names_the_key(tmp_path):
+    reference = tiny_gpt(seed=5, vocab_size=50304, n_embd=16, block_size=32)
+    sd = reference.state_dict()
+    sd["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(63, 16)
+    write_with_config(tmp_path / "bad.pt", sd, reference.config)
+    with pytest.raises(fd.UserError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight: checkpoint \(63, 16\) vs model \(64, 16\)"):
+        fd.load_pretrained(cfg_for(tmp_path / "bad.pt"))
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    reference = tiny_gpt(seed=5, vocab_size=50304, n_embd=16, block_size=32)
+    sd = reference.state_dict()
+    del sd["transformer.h.0.ln_2.bias"]
+    write_with_config(tmp_path / "missing.pt", sd, reference.config)
+    with pytest.raises(fd.UserError, match=r"missing keys \['transformer\.h\.0\.ln_2\.bias'\]"):
+        fd.load_pretrained(cfg_for(tmp_path / "missing.pt"))
+    sd = dict(reference.state_dict(), **{"transformer.h.2.ln_1.weight": torch.ones(16)})  # a third layer the config lacks
+    write_with_config(tmp_path / "extra.pt", sd, reference.config)
+    with pytest.raises(fd.UserError, match=r"unexpected keys \['transformer\.h\.2\.ln_1\.weight'\]"):
+        fd.load_pretrained(cfg_for(tmp_path / "extra.pt"))
+
+
+def test_load_state_dict_checked_leaves_the_model_alone_on_error():
+    model = tiny_gpt(seed=6, vocab_size=50304, n_embd=16, block_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    sd["transformer.wpe.weight"] = torch.zeros(16, 16)
+    with pytest.raises(fd.UserError, match=r"transformer\.wpe\.weight"):
+        fd.load_state_dict_checked(model, sd, "test")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# -----------------------------------------------------------------------------
+# 5. the chunked loss equals the plain one, value and gradients
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_target_cross_entropy_matches_plain(reduction):
+    V, C, N = 50304, 8, 400  # 2**24 // V = 333 rows per chunk: two chunks, the second one short
+    assert 2 ** 24 // V < N
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g) * 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+
+    def value_and_grads(loss_fn, dtype):
+        h, w = h0.to(dtype, copy=True).requires_grad_(), w0.to(dtype, copy=True).requires_grad_()
+        loss = loss_fn(h, w)
+        (loss * 1.7).backward()  # a non-unit upstream gradient
+        return loss.detach(), h.grad, w.grad
+
+    ours = value_and_grads(lambda h, w: fd.target_cross_entropy(h, w, t, reduction), torch.float32)
+    plain = value_and_grads(lambda h, w: F.cross_entropy(h @ w.t(), t, reduction=reduction), torch.float32)
+    exact = value_and_grads(lambda h, w: F.cross_entropy(h @ w.t(), t, reduction=reduction), torch.float64)
+    for name, a, b, c in zip(("loss", "grad h", "grad weight"), ours, plain, exact):
+        scale = c.abs().max().item()
+        # fp32 rounding: dL/dh sums 50,304 terms of softmax x weight, so both fp32 versions are off by ~3e-5 of its max
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale, msg=name)
+        err_ours, err_plain = ((x.double() - c).abs().max().item() / scale for x in (a, b))
+        assert err_ours <= 2 * err_plain + 1e-7, (name, err_ours, err_plain)  # as close to exact as the plain fp32 one
+    with torch.no_grad():  # the no-grad path (evaluation) gives the same value, and per-row losses
+        torch.testing.assert_close(fd.target_cross_entropy(h0, w0, t, reduction), plain[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(fd.target_cross_entropy(h0, w0, t, "none"), F.cross_entropy(h0 @ w0.t(), t, reduction="none"), rtol=1e-5, atol=1e-6)
+
+
+def test_model_loss_and_grads_match_full_logits():
+    model = tiny_gpt(seed=7, vocab_size=50304, n_layer=2, n_head=2, n_embd=16, block_size=256, std=0.1).train()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 50257, (2, 256), generator=g)
+    targets = torch.randint(0, 50257, (2, 256), generator=g)
+    targets[0, :100] = fd.IGNORE_INDEX  # a prompt without loss
+    targets[1, 50:60] = fd.IGNORE_INDEX
+    assert (targets != fd.IGNORE_INDEX).sum() > 2 ** 24 // 50304  # more than one chunk
+    _, loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(idx)
+    ref = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=fd.IGNORE_INDEX)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item(), msg=n)
+    with torch.no_grad():  # evaluation: reduction='none' gives the loss of each target position, in order
+        _, losses = model(idx, targets, reduction="none")
+        full = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), reduction="none", ignore_index=fd.IGNORE_INDEX)
+    torch.testing.assert_close(losses, full[targets.view(-1) != fd.IGNORE_INDEX], rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# 6. generation
+
+def test_kv_cache_logits_match_full_forward():
+    model = tiny_gpt(seed=8, std=0.3)
+    idx = torch.randint(0, 50257, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_kv_cache()
+        step, _ = model(idx[:, :10], kv_cache=cache)  # prefill, then one token at a time
+        steps = [step[:, -1]]
+        for t in range(10, 40):
+            step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+            steps.append(step[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 9:], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_with_and_without_cache_agree():
+    model = tiny_gpt(seed=9, std=0.3)
+    prompt = torch.randint(0, 50257, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    cached = fd.generate(model, prompt, 40, temperature=0, use_cache=True)
+    plain = fd.generate(model, prompt, 40, temperature=0, use_cache=False)
+    assert len(cached) == 40 and cached == plain
+    assert len(set(cached)) > 3  # not one token repeated: the comparison means something
+    assert fd.generate(model, prompt, 40, temperature=1.0, top_k=1, use_cache=True) == cached  # top_k=1 is greedy
+
+
+def test_generation_stops_at_block_size():
+    model = tiny_gpt(seed=9, std=0.3)
+    prompt = list(range(100, 110))
+    for use_cache in (True, False):
+        out = fd.generate(model, prompt, 500, temperature=0, use_cache=use_cache)
+        assert len(out) == model.config.block_size - len(prompt) + 1  # the last one is predicted from a full block
+
+
+def constant_output_model(preferred_rows, vocab_size=PADDED_VOCAB):
+    """ln_f maps every position to the same vector b, so the logits are wte @ b: rows made parallel to b win."""
+    model = tiny_gpt(seed=10, vocab_size=vocab_size, block_size=128)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight[preferred_rows] = 1.0  # logit n_embd = 32 against ~0.1 for the random rows
+    return model
+
+
+def test_generation_stops_at_eot():
+    model = constant_output_model([EOT])
+    with torch.no_grad():
+        assert int(model(torch.tensor([[1, 2]]))[0][0, -1].argmax()) == EOT
+    for use_cache in (True, False):
+        assert fd.generate(model, [1, 2, 3], 30, temperature=0, use_cache=use_cache) == []
+        assert fd.generate(model, [1, 2, 3], 30, temperature=1.0, generator=torch.Generator().manual_seed(0), use_cache=use_cache) == []
+
+
+def test_generation_returns_tokens_before_eot_and_stops():
+    script = [5, 6, 7, EOT, 9, 10]
+
+    class Scripted(fd.GPT):
+        calls = 0
+
+        def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
+            logits = torch.zeros(1, 1, self.config.vocab_size)
+            logits[0, 0, script[self.calls]] = 100.0
+            self.calls += 1
+            return logits, None
+
+    for use_cache in (True, False):
+        model = Scripted(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
+        assert fd.generate(model, [1, 2], 30, temperature=0.8, generator=torch.Generator().manual_seed(0), use_cache=use_cache) == [5, 6, 7]
+        assert model.calls == 4  # nothing after the EOT
+
+
+def test_never_samples_padding_ids():
+    model = constant_output_model(list(range(50257, PADDED_VOCAB)))
+    with torch.no_grad():
+        assert int(model(torch.tensor([[1, 2]]))[0][0, -1].argmax()) >= 50257  # the padding rows would win
+    g = torch.Generator().manual_seed(0)
+    sampled = fd.generate(model, [1], 120, temperature=1.0, generator=g)
+    sampled += fd.generate(model, [1], 120, temperature=2.0, top_k=50, generator=g)
+    greedy = fd.generate(model, [1], 20, temperature=0)
+    assert len(sampled) > 200 and greedy  # EOT is 1 of 50257 near-equal choices: it rarely ends a sample early
+    assert max(sampled + greedy) < 50257
+
+
+def test_seeded_sampling_is_deterministic():
+    model = tiny_gpt(seed=11, std=0.3)
+    prompt = [464, 2068, 7586, 21831]
+
+    def sample(seed, global_seed):
+        torch.manual_seed(global_seed)  # the global RNG plays no part
+        return fd.generate(model, prompt, 30, temperature=0.9, top_k=100, generator=torch.Generator().manual_seed(seed))
+
+    first = sample(123, 0)
+    assert len(first) == 30
+    assert sample(123, 1) == first
+    assert sample(124, 0) != first
