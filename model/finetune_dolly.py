@@ -28,6 +28,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -599,7 +600,8 @@ def accumulate_gradients(train_model, batches, num_targets, world_size, device, 
     one big batch's whatever the masking; x world_size undoes DDP's averaging of gradients over ranks."""
     loss_sum = torch.zeros((), device=device)
     for micro_step, (x, y) in enumerate(batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if str(device).startswith("cuda"):  # pinned host memory lets the copy overlap with compute
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         last = micro_step == len(batches) - 1
         # DDP all-reduces gradients only on the last micro-step
         with train_model.no_sync() if world_size > 1 and not last else nullcontext():
@@ -760,7 +762,8 @@ class RunLog:
         self.bar = None
         if sys.stdout.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
+            size = shutil.get_terminal_size()  # 80 x 24 when the terminal reports no size (tqdm would hide the bar)
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", file=sys.stdout, ncols=size.columns, nrows=size.lines)
 
     def log(self, text):
         if self.bar is not None:
@@ -1026,6 +1029,8 @@ def train(cfg, given=frozenset()):
         validate_config(cfg, world_size)
         if cfg.sequence_length > model.config.block_size:
             raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
+        if model.config.vocab_size < manifest["vocab_size"]:
+            raise UserError(f"the model's vocab_size {model.config.vocab_size} < the data's {manifest['vocab_size']} (GPT-2 tokenizer)")
         model.to(device)
 
         # derived sizes
@@ -1036,7 +1041,11 @@ def train(cfg, given=frozenset()):
             cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * steps_per_epoch)))
         dtype = cfg.dtype
         if dtype == "auto":
-            dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+            native_bf16 = (device_type == "cuda" and torch.cuda.is_bf16_supported()) or (device_type == "cpu" and cpu_has_amx_bf16())
+            dtype = "bfloat16" if native_bf16 else "float32"
+        elif dtype == "bfloat16" and device_type == "cpu" and not cpu_has_amx_bf16():
+            print0("WARNING: --dtype bfloat16 on a CPU without AMX: bf16 autocast is emulated and was measured ~45x slower "
+                   "than float32 on such a CPU; use --dtype float32")
         autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
         if device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -1175,6 +1184,15 @@ def train(cfg, given=frozenset()):
             lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def cpu_has_amx_bf16():
+    """Only CPUs with AMX (Intel Sapphire Rapids and later) run bf16 matmuls faster than fp32; AVX512-BF16 alone does not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
 
 
 def guide_warnings(cfg, steps_per_epoch):

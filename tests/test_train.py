@@ -211,3 +211,55 @@ def test_guide_warnings_for_out_of_guide_settings(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     for needle in ("--max_lr 0.001 is high", "--weight_decay 0", "--batch_size 2 is outside"):
         assert needle in r.stdout
+
+
+# ---------------------------------------------------------------- what the user sees
+
+def test_startup_summary_numbers(data_dir, tmp_path):
+    manifest = fd.load_manifest(data_dir)
+    r = run_trainer(data_dir, tmp_path / "log", "--max_steps", "1", "--total_batch_size", "2048")
+    assert r.returncode == 0, r.stderr
+    train_tokens = manifest["splits"]["train"]["tokens"]
+    assert f"{train_tokens:,} train tokens" in r.stdout
+    assert "2,048 tokens/step = 4 x 64 x 8 accum x 1 procs" in r.stdout
+    assert f"{train_tokens / 2048:.2f} steps/epoch | 1 steps = {1 / (train_tokens / 2048):.2f} epochs" in r.stdout
+    assert "fresh start from random" in r.stdout
+    # plain lines, no progress bar, when stdout is not a terminal
+    assert "\r" not in r.stdout and "loss=" not in r.stdout
+
+
+def test_progress_bar_on_a_terminal(data_dir, tmp_path):
+    import pty
+    import subprocess
+    from conftest import ROOT, trainer_cmd
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(trainer_cmd(data_dir, tmp_path / "log", "--max_steps", "2"), cwd=ROOT, stdout=slave,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=120) == 0
+    text = out.decode(errors="replace")
+    assert "2/2" in text and "loss=" in text and "tok_s=" in text  # tqdm's bar with its postfix
+
+
+def test_per_category_val_losses_add_up_to_the_overall_loss(data_dir):
+    manifest = fd.load_manifest(data_dir)
+    stream = fd.TokenStream(data_dir, "val", manifest)
+    cfg = fd.TrainConfig(batch_size=4, sequence_length=32, val_tokens=0)
+    model = tiny_model()
+    n_cat = len(manifest["categories"])
+    val_loss, per_cat = fd.evaluate(model, stream, cfg, 0, 1, "cpu", fd.nullcontext(), n_cat)
+    counts = torch.zeros(n_cat)
+    for _, y, c in fd.val_batches(stream, 4, 32, 0, "response", 0, 1):
+        counts += torch.bincount(c[y != fd.IGNORE_INDEX], minlength=n_cat)
+    assert (counts > 0).sum() == n_cat  # every category has val targets
+    weighted = sum(loss * n for loss, n in zip(per_cat, counts.tolist())) / counts.sum().item()
+    assert weighted == pytest.approx(val_loss, rel=1e-6)
