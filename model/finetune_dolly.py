@@ -350,9 +350,18 @@ class GPT(nn.Module):
                 raise UserError(f"{name_or_dir}: expected config.json and model.safetensors (the Hugging Face layout)")
         else:
             from huggingface_hub import hf_hub_download
+            from prepare_dolly import hub_reachable
+            try:  # the local Hub cache first, so offline nodes with a cached copy need no network
+                config_path = hf_hub_download(name_or_dir, "config.json", local_files_only=True)
+                weights_path = hf_hub_download(name_or_dir, "model.safetensors", local_files_only=True)
+            except Exception:
+                config_path = None
             try:
-                config_path = hf_hub_download(name_or_dir, "config.json")
-                weights_path = hf_hub_download(name_or_dir, "model.safetensors")
+                if config_path is None:
+                    if not hub_reachable():
+                        raise ConnectionError("huggingface.co is unreachable")
+                    config_path = hf_hub_download(name_or_dir, "config.json")
+                    weights_path = hf_hub_download(name_or_dir, "model.safetensors")
             except Exception as e:
                 raise UserError(f"cannot fetch {name_or_dir} from the Hugging Face Hub ({type(e).__name__}); on an offline machine, "
                                 f"download it elsewhere (huggingface-cli download {name_or_dir}) and pass its directory") from None
@@ -950,10 +959,13 @@ def refresh_plot(log_dir, runlog):
 # -----------------------------------------------------------------------------
 # the run
 
-def resolve_start(cfg, given, manifest):
-    """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text)."""
-    path, ckpt = None, None
-    if cfg.checkpoint_path:
+def resolve_start(cfg, given, manifest, found=None):
+    """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text).
+    found: (path, checkpoint) that rank 0 already picked and loaded."""
+    path, ckpt = found or (None, None)
+    if ckpt is not None:
+        pass
+    elif cfg.checkpoint_path:
         path = cfg.checkpoint_path
         try:
             ckpt = load_checkpoint(path)
@@ -1020,12 +1032,15 @@ def train(cfg, given=frozenset()):
             dist.barrier()
 
         # rank 0 picks the checkpoint; every rank then reads the same file
+        found = None
         if world_size > 1 and (cfg.auto_resume or cfg.resume) and not cfg.checkpoint_path:
-            choice = [find_resume_checkpoint(cfg.log_dir)[0] if rank == 0 else None]
+            found = find_resume_checkpoint(cfg.log_dir) if rank == 0 else (None, None)
+            choice = [found[0]]
             dist.broadcast_object_list(choice, src=0)
-            if choice[0]:
-                cfg = dataclasses.replace(cfg, checkpoint_path=choice[0])
-        model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest)
+            if choice[0] and rank > 0:
+                found = (choice[0], load_checkpoint(choice[0]))
+            found = found if choice[0] else None
+        model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found)
         validate_config(cfg, world_size)
         if cfg.sequence_length > model.config.block_size:
             raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
