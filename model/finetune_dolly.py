@@ -10,8 +10,8 @@ Launch:
     python model/finetune_dolly.py --auto_resume                        # continue after a crash or preemption
     python model/finetune_dolly.py --resume --checkpoint_path logs_finetune/model_00004.pt --max_lr 1e-5
     torchrun --standalone --nproc_per_node=8 model/finetune_dolly.py    # one node, 8 GPUs
-    python model/finetune_dolly.py --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 \\
-        --sequence_length 256 --batch_size 8 --total_batch_size 16384 --max_steps 20  # tiny CPU run
+    python model/finetune_dolly.py --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 \\
+        --sequence_length 128 --batch_size 8 --total_batch_size 8192 --max_steps 30 --max_lr 2e-3 --threads 1  # tiny CPU run
 
 Exit status: 0 done; 1 error (one line says what to do); 2 bad command line;
 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with --auto_resume).
@@ -250,25 +250,30 @@ class TargetCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_rows):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight)
+        grad_w = None  # the first chunk's product becomes it: no zero-filled (vocab, C) buffer to add into
         rows = torch.arange(chunk_rows, device=h.device)
         for s in range(0, h.size(0), chunk_rows):
             hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
             logits = (hc @ weight.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            picked = logits.gather(1, tc[:, None])
+            maxes = logits.amax(dim=-1, keepdim=True)
+            dlogits = logits.sub_(maxes).exp_()  # exp(logits - max), in place: one exp per logit (logsumexp made two)
+            sumexp = dlogits.sum(dim=-1, keepdim=True)
+            loss += (sumexp.log() + maxes - picked).sum()  # logsumexp - target logit
+            dlogits.div_(sumexp)  # softmax
             dlogits[rows[:hc.size(0)], tc] -= 1
             dlogits = dlogits.to(h.dtype)
             grad_h[s:s + chunk_rows] = dlogits @ weight
-            grad_w += (dlogits.t() @ hc).to(grad_w.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
+            gw = (dlogits.t() @ hc).to(weight.dtype)
+            grad_w = gw if grad_w is None else grad_w.add_(gw)
+        ctx.save_for_backward(grad_h, torch.zeros_like(weight) if grad_w is None else grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        # in place: grad_w is as large as the embedding and used once (a second backward through a retained graph raises)
+        return grad_h * grad_loss, grad_w.mul_(grad_loss), None, None
 
 
 def target_cross_entropy(h, weight, targets, reduction="mean"):
