@@ -321,6 +321,16 @@ class GPT(nn.Module):
         """idx (B, T) token ids. Without targets: returns (logits, None), logits (B, T, vocab), or only the last
         position's (B, 1, vocab) when a kv_cache (list of [k, v] per layer) is given. With targets (B, T), where
         IGNORE_INDEX marks positions without loss: returns (None, loss); logits are computed only at target positions."""
+        # generation (kv_cache) always runs eagerly: the cache is a list that changes at every token
+        x = self.hidden_states(idx) if kv_cache is None else GPT.hidden_states(self, idx, kv_cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x if kv_cache is None else x[:, -1:]), None
+        keep = targets != IGNORE_INDEX  # (B, T)
+        return None, target_cross_entropy(x[keep], self.lm_head.weight, targets[keep], reduction)
+
+    def hidden_states(self, idx, kv_cache=None):
+        """The transformer without the output layer: (B, T) ids -> (B, T, C) after the final LayerNorm.
+        This fixed-shape part is what --compile compiles (see train)."""
         B, T = idx.size()
         start = 0 if kv_cache is None or kv_cache[0][0] is None else kv_cache[0][0].size(2)
         assert start + T <= self.config.block_size, f"sequence of {start + T} > block_size {self.config.block_size}"
@@ -328,11 +338,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if kv_cache is None else kv_cache[i])
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x if kv_cache is None else x[:, -1:]), None
-        keep = targets != IGNORE_INDEX  # (B, T)
-        return None, target_cross_entropy(x[keep], self.lm_head.weight, targets[keep], reduction)
+        return self.transformer.ln_f(x)
 
     def new_kv_cache(self):
         return [[None, None] for _ in range(self.config.n_layer)]
@@ -1085,8 +1091,11 @@ def train(cfg, given=frozenset()):
         del ckpt
 
         train_model = model
-        if cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda"):
-            train_model = torch.compile(model)
+        compiled = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
+        if compiled:
+            # Only the transformer body: the loss picks a different number of target positions every batch,
+            # which would make a compiled whole model recompile at every step.
+            model.hidden_states = torch.compile(model.hidden_states)
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -1098,7 +1107,7 @@ def train(cfg, given=frozenset()):
         categories = manifest["categories"]
         if rank == 0:
             runlog.log(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
-            runlog.log(f"device {device} x {world_size} process(es) | dtype {dtype} | compile {train_model is not model and cfg.compile} | "
+            runlog.log(f"device {device} x {world_size} process(es) | dtype {dtype} | compile {compiled} | "
                        f"model {n_params / 1e6:.2f}M params {asdict(model.config)} from {init_source}")
             runlog.log(f"data {cfg.data_dir}: {train_tokens:,} train tokens, {manifest['splits']['val']['tokens']:,} val tokens "
                        f"({manifest['source']}) | {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {cfg.sequence_length} "

@@ -263,3 +263,17 @@ def test_per_category_val_losses_add_up_to_the_overall_loss(data_dir):
     assert (counts > 0).sum() == n_cat  # every category has val targets
     weighted = sum(loss * n for loss, n in zip(per_cat, counts.tolist())) / counts.sum().item()
     assert weighted == pytest.approx(val_loss, rel=1e-6)
+
+
+def test_compile_gives_the_same_losses_without_recompiling_every_step(data_dir, tmp_path):
+    """--compile is the default on CUDA; it compiles the transformer body only, since the number of target
+    positions changes every batch (a compiled whole model recompiled at every step)."""
+    args = ("--max_steps", "4", "--eval_interval", "2", "--total_batch_size", "512")
+    eager = run_trainer(data_dir, tmp_path / "eager", *args, "--compile", "off")
+    compiled = run_trainer(data_dir, tmp_path / "compiled", *args, "--compile", "on")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
+    for a, b in zip(read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4)
+    assert "Recompiling" not in compiled.stderr
