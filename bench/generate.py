@@ -2,20 +2,18 @@
 Generation speed of model/finetune_dolly.py's generate() with the KV cache against without it.
 
     (a) KV cache    the prompt once, then one token per step against the cached keys/values of each layer
-    (b) no cache    generate(use_cache=False): the whole sequence (prompt + everything generated so far) through the
-                    model at every step; GPT.forward without targets applies the output layer at every position
-    (c) no cache, last logits   nanoGPT's generate(): like (b), but the output layer (50304 x n_embd, the largest
-                    matmul of a small model) only at the last position. The fairer baseline, timed here too.
+    (b) no cache    generate(use_cache=False), nanoGPT's loop: the whole sequence (prompt + everything generated so
+                    far) through the model at every step, the output layer at the last position only
 
 Greedy decoding of NEW_TOKENS (256) new tokens after a Dolly-style prompt, on a random-init model in fp32 (speed
 does not depend on the weights). The EOT row of the output layer is zeroed (logit 0 loses to the best of 50,256
-random logits) so that no run stops early, and all three must produce the same tokens. Rounds are interleaved
-(a, b, c, a, b, c, ...) so drift in machine load hits all alike; a short warm-up (16 tokens each) is not counted;
+random logits) so that no run stops early, and both must produce the same tokens. Rounds are interleaved
+(a, b, a, b, ...) so drift in machine load hits all alike; a short warm-up (16 tokens each) is not counted;
 the median round is reported. Goal:
-    KV cache >= 5x no cache in new tokens/s at 256 new tokens      (also reported against (c))
+    KV cache >= 5x no cache in new tokens/s at 256 new tokens
 
-Run (CPU; the small model took 7 min on a busy 2-core box (load ~4.5, --threads 1, which is fastest there), mostly
-in (b); the 124M shape needs ~10 min per round there, so run it on a bigger machine or a GPU):
+Run (CPU; the small model takes a few minutes on a 2-core box, mostly in (b); the 124M shape needs far longer
+there, so run it on a bigger machine or a GPU):
     python bench/generate.py
     python bench/generate.py --threads 1 --rounds 5
     python bench/generate.py --model both --device cuda
@@ -58,29 +56,9 @@ def build_model(shape, device):
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def generate_last_logits(model, prompt, max_new_tokens):
-    """nanoGPT's greedy generate(): no cache, the whole sequence every step, the output layer at the last position only."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    out = []
-    for _ in range(max_new_tokens):
-        x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(idx.size(1), device=device))
-        for block in model.transformer.h:
-            x = block(x)
-        logits = model.lm_head(model.transformer.ln_f(x[:, -1:]))
-        next_id = int(torch.argmax(logits[0, -1, :VOCAB_SIZE]))
-        if next_id == EOT:
-            break
-        out.append(next_id)
-        idx = torch.cat([idx, torch.tensor([[next_id]], device=device)], dim=1)
-    return out
-
-
 METHODS = {
     "KV cache": lambda model, prompt, n: fd.generate(model, prompt, n, temperature=0, use_cache=True),
     "no cache": lambda model, prompt, n: fd.generate(model, prompt, n, temperature=0, use_cache=False),
-    "no cache, last logits": generate_last_logits,
 }
 
 
@@ -116,7 +94,7 @@ def bench(shape, prompt, rounds, device):
     for name, s in seconds.items():
         print(f"  {name:22s} {median[name]:8.2f} s | {NEW_TOKENS / median[name]:8.1f} new tokens/s "
               f"(min {min(s):.2f} s, max {max(s):.2f} s)")
-    print(f"  same tokens from all three: {'yes' if same else 'NO'}")
+    print(f"  same tokens from both: {'yes' if same else 'NO'}")
     return median, same
 
 
@@ -137,7 +115,7 @@ def main():
     missed = 0
     for shape in (SHAPES if args.model == "both" else [args.model]):
         median, same = bench(shape, prompt, args.rounds, args.device)
-        for baseline in ("no cache", "no cache, last logits"):
+        for baseline in ("no cache",):
             ratio = median[baseline] / median["KV cache"]
             ok = ratio >= GOAL and same
             missed += not ok

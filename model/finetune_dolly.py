@@ -897,7 +897,10 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
         if idx.size(1) > model.config.block_size:
             break
         with autocast:
-            logits, _ = model(step_input, kv_cache=cache)
+            if use_cache:  # only the newest token goes through the model; earlier keys/values come from the cache
+                logits, _ = model(step_input, kv_cache=cache)
+            else:  # nanoGPT's loop: the whole sequence every time, the output layer at the last position only
+                logits = model.lm_head(GPT.hidden_states(model, idx)[:, -1:])
         logits = logits[0, -1, :VOCAB_SIZE].float()  # never sample build-nanogpt's padding ids >= 50257
         if temperature == 0:
             next_id = int(torch.argmax(logits))
@@ -913,7 +916,7 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
         if on_token is not None:
             on_token(next_id)
         idx = torch.cat([idx, torch.tensor([[next_id]], device=device)], dim=1)
-        step_input = idx[:, -1:] if use_cache else idx
+        step_input = idx[:, -1:]
     model.train(was_training)
     return out
 

@@ -357,19 +357,20 @@ def test_generation_stops_at_eot():
 def test_generation_returns_tokens_before_eot_and_stops():
     script = [5, 6, 7, EOT, 9, 10]
 
-    class Scripted(fd.GPT):
+    class ScriptedHead(torch.nn.Module):  # the output layer says 5, 6, 7, EOT, ... whatever the input
         calls = 0
 
-        def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
-            logits = torch.zeros(1, 1, self.config.vocab_size)
+        def forward(self, x):
+            logits = torch.zeros(1, 1, PADDED_VOCAB)
             logits[0, 0, script[self.calls]] = 100.0
             self.calls += 1
-            return logits, None
+            return logits
 
     for use_cache in (True, False):
-        model = Scripted(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
+        model = fd.GPT(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
+        model.lm_head = ScriptedHead()
         assert fd.generate(model, [1, 2], 30, temperature=0.8, generator=torch.Generator().manual_seed(0), use_cache=use_cache) == [5, 6, 7]
-        assert model.calls == 4  # nothing after the EOT
+        assert model.lm_head.calls == 4  # nothing after the EOT
 
 
 def test_never_samples_padding_ids():
