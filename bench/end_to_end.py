@@ -1,0 +1,299 @@
+"""
+What a whole fine-tuning run of model/finetune_dolly.py costs beyond its training steps, and what a checkpoint save
+costs beyond a plain torch.save.
+
+    (a) run     fd.train(fd.TrainConfig(...)) in this process, into a fresh temp log dir: the loader, per-step logging
+                (log.txt, metrics.jsonl), val loss at step 0, every eval_interval and at the end, generation samples
+                (samples.jsonl/.md) as often, loss.png (if matplotlib is installed), full checkpoints (model_NNNNN.pt,
+                model_best.pt, rotation) every checkpoint_interval and at the end. Timed from the step-0 evaluation
+                (the end of start-up: parsing, data check, model, optimizer, tokenizer) to the return of fd.train.
+    (b) bare    the same number of optimizer steps with nothing else: the same model and seed, GPT.configure_optimizer,
+                the project's DataLoader, then per step get_lr, loader.next_step, fd.accumulate_gradients,
+                clip_grad_norm_, optimizer.step, zero_grad. Its train losses must equal the run's (same work).
+    overhead = (run - bare) / bare. Beside it, from the same run: the run's own step times (metrics.jsonl) and the
+    time spent in evaluate, write_samples, refresh_plot and checkpoint saves (timers wrapped around fd's functions),
+    so the overhead can be read without the run-to-run noise of two separate timings; and the CPU time of this
+    process over (a) and (b), which other jobs on the machine disturb less than the wall time.
+
+    (c) save    a full checkpoint as train() writes it: the state dict of train's save() (model, AdamW state, loader
+                position, RNG states, config, ...), fd.atomic_torch_save (temp file, fsync, rename, fsync of the
+                directory) and prune_checkpoints, against (d) a plain atomic torch.save of the same state (torch.save
+                to a temp file + os.replace, no fsync); for reference also (e): (d) plus fsync of the file and of the
+                directory, the floor for a save that survives a power cut. The state is taken after the bare steps.
+
+The run uses the CPU quick-start config (finetune_dolly.py's docstring, with intervals of 10 instead of the default 2,
+so that a 20-step run has evals, samples and checkpoints at 0/10/20 as a longer run would have them every few % of its
+steps): --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 --sequence_length 256
+--batch_size 8 --total_batch_size 16384 --max_steps 20 --eval_interval 10 --generate_interval 10
+--checkpoint_interval 10 --val_tokens 16384 --threads 1 --max_lr 1e-3. --interval 2 measures the default intervals
+instead, and --set FIELD=VALUE ... changes any other setting (e.g. README's quick start).
+(a) and (b) alternate (a, b, a, b, ...); (c), (d), (e) alternate over --save_rounds after one warm-up each; medians.
+
+Measured on the 2-core dev VM (1 thread, load average ~1): run loop 222 s, bare steps 207 s: overhead 7.5% (CPU time
+7.4%); within the run evaluate 7.1% of the step time (3 x 16k val tokens, ~half a training step each on this
+lm_head-bound model), write_samples 3.0% (3 x 8 prompts x 64 tokens), loss.png 0.5%, checkpoints 0.5%, logging ~0.
+A checkpoint save (83 MiB) 87 ms, 1.07x a plain torch.save + rename and 1.01x the same with fsync.
+
+Goals (PASS/MISS; --strict exits 1 on a MISS):
+    whole-run overhead <= 5% of the bare step time        full checkpoint save <= 1.2x a plain atomic torch.save
+
+Run (CPU; one round is a 20 x 16k-token run plus 20 bare steps, ~9 min on an idle 2-core VM; run it on an idle machine):
+    python bench/end_to_end.py
+    python bench/end_to_end.py --rounds 3 --save_rounds 9
+    python bench/end_to_end.py --max_steps 10 --interval 5      # ~half the time; evals and samples weigh more per step
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "model"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
+
+import finetune_dolly as fd  # noqa: E402
+
+GOAL_OVERHEAD = 0.05  # (run - bare) / bare
+GOAL_SAVE = 1.2  # full checkpoint save / plain atomic torch.save
+QUICKSTART = dict(pretrained_checkpoint="none", n_layer=4, n_head=4, n_embd=128, block_size=256, sequence_length=256,
+                  batch_size=8, total_batch_size=16384, max_steps=20, eval_interval=10, generate_interval=10,
+                  checkpoint_interval=10, val_tokens=16384, threads=1, max_lr=1e-3)
+TIMED = ("evaluate", "write_samples", "refresh_plot", "atomic_torch_save", "prune_checkpoints")
+
+
+# -----------------------------------------------------------------------------
+# (a) the whole run, in this process
+
+@contextlib.contextmanager
+def timed_fd_functions():
+    """Wraps fd's evaluate, write_samples, ... (train() calls them through the module) with timers; yields
+    {name: [seconds per call]} and the perf_counter of the first evaluate call (the end of start-up)."""
+    spent = {name: [] for name in TIMED}
+    first_eval = []
+    originals = {name: getattr(fd, name) for name in TIMED}
+
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t = time.perf_counter()
+            if name == "evaluate" and not first_eval:
+                first_eval.append((t, time.process_time()))
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name].append(time.perf_counter() - t)
+        return timed
+
+    for name, fn in originals.items():
+        setattr(fd, name, wrap(name, fn))
+    try:
+        yield spent, first_eval
+    finally:
+        for name, fn in originals.items():
+            setattr(fd, name, fn)
+
+
+def whole_run(cfg_kwargs, tmp_root):
+    log_dir = tempfile.mkdtemp(prefix="run_", dir=tmp_root)  # fresh: no earlier checkpoints, no lock
+    cfg = fd.TrainConfig(**cfg_kwargs, log_dir=log_dir)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # fd.train installs its own
+    out = io.StringIO()
+    try:
+        with timed_fd_functions() as (spent, first_eval), contextlib.redirect_stdout(out):
+            t0 = time.perf_counter()
+            status = fd.train(cfg)
+            t_end, cpu_end = time.perf_counter(), time.process_time()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if status != 0 or not first_eval:
+        raise SystemExit(f"the run failed (status {status}):\n{out.getvalue()[-3000:]}")
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "train_loss" in r]
+    files = sorted(os.listdir(log_dir))
+    shutil.rmtree(log_dir)
+    step_lines = [line for line in out.getvalue().splitlines() if line.startswith("step") and "| loss" in line]
+    return {"loop": t_end - first_eval[0][0], "loop_cpu": cpu_end - first_eval[0][1], "startup": first_eval[0][0] - t0,
+            "step_seconds": [cfg.total_batch_size / r["tokens_per_sec"] for r in steps],
+            "losses": [r["train_loss"] for r in steps], "spent": {k: sum(v) for k, v in spent.items()},
+            "calls": {k: len(v) for k, v in spent.items()}, "files": files, "last_line": step_lines[-1] if step_lines else "-"}
+
+
+# -----------------------------------------------------------------------------
+# (b) the same steps, bare
+
+def bare_steps(cfg_kwargs):
+    """Returns (seconds, CPU seconds, train losses, model, optimizer, loader, cfg, manifest) after max_steps bare optimizer steps."""
+    cfg = fd.TrainConfig(**cfg_kwargs)
+    torch.set_num_threads(cfg.threads)
+    manifest = fd.load_manifest(cfg.data_dir)
+    torch.manual_seed(cfg.seed)  # as train(): the same initial weights
+    model = fd.GPT(fd.GPTConfig(**{k: getattr(cfg, k) for k in fd.SHAPE_FIELDS}))
+    optimizer = model.configure_optimizer(cfg, "cpu")
+    grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.sequence_length)
+    loader = fd.DataLoader(fd.TokenStream(cfg.data_dir, "train", manifest), cfg.batch_size, cfg.sequence_length, grad_accum, 0, 1, cfg.loss_on)
+    sums = []
+    t, cpu = time.perf_counter(), time.process_time()
+    for step in range(cfg.max_steps):
+        lr = fd.get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches, num_targets = loader.next_step()
+        loss_sum = fd.accumulate_gradients(model, batches, num_targets, 1, "cpu")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums.append((loss_sum, num_targets))
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return seconds, cpu, [s.item() / max(1, n) for s, n in sums], model, optimizer, loader, cfg, manifest
+
+
+# -----------------------------------------------------------------------------
+# (c) a full checkpoint save against (d) a plain atomic torch.save
+
+def full_state(model, optimizer, loader, cfg, manifest, step):
+    """The dict train()'s save() writes."""
+    return {"format_version": fd.CHECKPOINT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config),
+            "optimizer": optimizer.state_dict(), "step": step, "val_loss": None, "best_val_loss": float("inf"),
+            "prev_train_loss": None, "train_loader_state": loader.state_dict(), "rng": fd.capture_rng_state(),
+            "config": asdict(cfg), "init_source": "random", "data_fingerprint": fd.data_fingerprint(manifest), "world_size": 1}
+
+
+def bench_save(model, optimizer, loader, cfg, manifest, rounds, tmp_root):
+    d = tempfile.mkdtemp(prefix="save_", dir=tmp_root)
+    state = full_state(model, optimizer, loader, cfg, manifest, cfg.max_steps)
+    kinds = ("full", "plain", "durable")
+    seconds = {k: [] for k in kinds}
+    try:
+        for r in range(rounds + 1):  # round 0 warms up
+            for kind in kinds[r % 3:] + kinds[:r % 3]:
+                t = time.perf_counter()
+                if kind == "full":  # as train(): build the state, write it atomically and durably, rotate
+                    s = full_state(model, optimizer, loader, cfg, manifest, cfg.max_steps)
+                    fd.atomic_torch_save(s, os.path.join(d, fd.checkpoint_name(cfg.max_steps)))
+                    fd.prune_checkpoints(d, cfg.keep_last_n_checkpoints)
+                else:  # the floor: the same state, torch.save to a temp file + rename (durable: + fsync file and dir)
+                    path = os.path.join(d, f"{kind}.pt")
+                    with open(path + ".tmp", "wb") as f:
+                        torch.save(state, f)
+                        if kind == "durable":
+                            f.flush()
+                            os.fsync(f.fileno())
+                    os.replace(path + ".tmp", path)
+                    if kind == "durable":
+                        dir_fd = os.open(d, os.O_RDONLY)
+                        os.fsync(dir_fd)
+                        os.close(dir_fd)
+                dt = time.perf_counter() - t
+                if r > 0:
+                    seconds[kind].append(dt)
+        size = os.path.getsize(os.path.join(d, "plain.pt"))
+    finally:
+        shutil.rmtree(d)
+    return seconds, size
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description="Benchmark a whole fine-tuning run against its bare training steps, and checkpoint saves.")
+    p.add_argument("--rounds", type=int, default=1, help="(run, bare) pairs; the median is reported")
+    p.add_argument("--save_rounds", type=int, default=5, help="(full save, plain save) pairs after one warm-up pair")
+    p.add_argument("--max_steps", type=int, default=QUICKSTART["max_steps"], help="optimizer steps of the run")
+    p.add_argument("--interval", type=int, default=QUICKSTART["eval_interval"], help="eval, generate and checkpoint interval (the trainer's default is 2)")
+    p.add_argument("--threads", type=int, default=QUICKSTART["threads"], help="torch CPU threads")
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"), help="shards from model/prepare_dolly.py")
+    p.add_argument("--tmp_dir", default=None, help="where the temp log dirs and checkpoints go (default: the system temp dir)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override any TrainConfig field, e.g. --set sequence_length=128 total_batch_size=8192 (README's quick start)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any goal is missed")
+    args = p.parse_args()
+    if args.rounds < 1 or args.save_rounds < 1 or args.max_steps < 1 or args.interval < 1:
+        p.error("--rounds, --save_rounds, --max_steps and --interval must be >= 1")
+    cfg_kwargs = dict(QUICKSTART, max_steps=args.max_steps, eval_interval=args.interval, generate_interval=args.interval,
+                      checkpoint_interval=args.interval, threads=args.threads, data_dir=args.data_dir)
+    fields = {f.name: f for f in dataclasses.fields(fd.TrainConfig)}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields or name in ("log_dir", "auto_resume", "resume", "checkpoint_path") or not value:
+            p.error(f"--set {item}: expected FIELD=VALUE with a TrainConfig field other than log_dir and the resume ones")
+        kind = type(fields[name].default)
+        cfg_kwargs[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    args.max_steps, args.interval = cfg_kwargs["max_steps"], cfg_kwargs["eval_interval"]
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("config: " + " ".join(f"--{k} {v}" for k, v in cfg_kwargs.items() if k != "data_dir"))
+    t_start = time.time()
+
+    runs, bares = [], []
+    for r in range(args.rounds):
+        runs.append(whole_run(cfg_kwargs, args.tmp_dir))
+        seconds, cpu, losses, model, optimizer, loader, cfg, manifest = bare_steps(cfg_kwargs)
+        bares.append({"seconds": seconds, "cpu": cpu, "losses": losses})
+        print(f"  round {r + 1}: run loop {runs[-1]['loop']:.1f} s (start-up {runs[-1]['startup']:.1f} s before it), "
+              f"bare steps {seconds:.1f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+    loop = statistics.median(r["loop"] for r in runs)
+    bare = statistics.median(b["seconds"] for b in bares)
+    loop_cpu = statistics.median(r["loop_cpu"] for r in runs)
+    bare_cpu = statistics.median(b["cpu"] for b in bares)
+    run = sorted(runs, key=lambda r: r["loop"])[(len(runs) - 1) // 2]  # the median run, for the breakdown
+    in_run_steps = sum(run["step_seconds"])
+    same = max((abs(a - b) / abs(b) for r, b_ in zip(runs, bares) for a, b in zip(r["losses"], b_["losses"])), default=float("inf"))
+    same = same if all(len(r["losses"]) == args.max_steps for r in runs) else float("inf")
+    tokens = cfg_kwargs["total_batch_size"] * args.max_steps
+    print(f"\n== whole run: {args.max_steps} steps x {cfg_kwargs['total_batch_size']:,} tokens, eval/samples/checkpoint every "
+          f"{cfg_kwargs['eval_interval']}/{cfg_kwargs['generate_interval']}/{cfg_kwargs['checkpoint_interval']} steps, "
+          f"median of {args.rounds} round(s)")
+    print(f"   {'':26s} {'wall':>9s} {'tokens/s':>9s} {'CPU time':>9s}")
+    print(f"   {'run loop (after start-up)':26s} {loop:8.1f}s {tokens / loop:9.0f} {loop_cpu:8.1f}s   files: {' '.join(run['files'])}")
+    print(f"   {'bare steps':26s} {bare:8.1f}s {tokens / bare:9.0f} {bare_cpu:8.1f}s")
+    print(f"   {'overhead':26s} {loop - bare:8.1f}s {'':9s} {loop_cpu - bare_cpu:8.1f}s   = {(loop - bare) / bare:.1%} of the bare steps "
+          f"(CPU time: {(loop_cpu - bare_cpu) / bare_cpu:.1%})")
+    print(f"   within the median run: its {args.max_steps} steps {in_run_steps:.1f} s (metrics.jsonl; {(in_run_steps - bare) / bare:+.1%} vs bare), "
+          f"the rest {run['loop'] - in_run_steps:.1f} s = {(run['loop'] - in_run_steps) / in_run_steps:.1%} of its steps:")
+    accounted = 0.0
+    for name in TIMED:
+        accounted += run["spent"][name]
+        print(f"     {name:18s} {run['spent'][name]:7.2f} s  {run['calls'][name]:3d} calls  {run['spent'][name] / in_run_steps:6.1%}")
+    other = run["loop"] - in_run_steps - accounted
+    print(f"     {'logging, other':18s} {other:7.2f} s             {other / in_run_steps:6.1%}")
+    print(f"   same train losses in the run and the bare steps: {'yes' if same < 1e-6 else 'NO'} (max relative difference {same:.1e})")
+    print(f"   last step of the run: {run['last_line']}")
+
+    save_seconds, size = bench_save(model, optimizer, loader, cfg, manifest, args.save_rounds, args.tmp_dir)
+    full, plain, durable = (statistics.median(save_seconds[k]) for k in ("full", "plain", "durable"))
+    print(f"\n== checkpoint save: {size / 2**20:.1f} MiB (model + AdamW state + loader, RNG, config), median of {args.save_rounds} rounds")
+    for kind, label in (("full", "full save (state + fd.atomic_torch_save + prune)"), ("plain", "plain torch.save to tmp + os.replace"),
+                        ("durable", "  the same + fsync of the file and the dir")):
+        s = save_seconds[kind]
+        print(f"   {label:50s} {statistics.median(s) * 1e3:8.1f} ms  (min {min(s) * 1e3:.1f}, max {max(s) * 1e3:.1f})")
+
+    print(f"\nload average now {os.getloadavg()[0]:.2f}; {time.time() - t_start:.0f} s")
+    results = []
+    ratio = (loop - bare) / bare
+    results.append(ratio <= GOAL_OVERHEAD and same < 1e-6)
+    print(f"{'PASS' if results[-1] else 'MISS'}: whole-run overhead {ratio:.1%} of the bare step time (goal <= {GOAL_OVERHEAD:.0%}; "
+          f"CPU time {(loop_cpu - bare_cpu) / bare_cpu:.1%}, within the run {(run['loop'] - in_run_steps) / in_run_steps:.1%})")
+    results.append(full / plain <= GOAL_SAVE)
+    print(f"{'PASS' if results[-1] else 'MISS'}: full checkpoint save {full / plain:.2f}x a plain atomic torch.save (goal <= {GOAL_SAVE:g}x; "
+          f"{full / durable:.2f}x the same with fsync)")
+    return 1 if args.strict and not all(results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""
+Speed, MFU and peak memory of model/finetune_dolly.py's training step against two references, on real Dolly batches.
+
+One optimizer step = forward + backward of one (B, T) micro-batch, clip_grad_norm_(1.0), fused AdamW step, zero_grad:
+
+    ours        the project's step: fd.accumulate_gradients (GPT.forward with targets -> the chunked response-only
+                loss TargetCrossEntropy, logits only at target positions), clip, model.configure_optimizer's AdamW
+    nanogpt     build-nanogpt-equivalent math: the same GPT modules (wte + wpe, blocks, ln_f), then full logits
+                lm_head(hidden) (B, T, V) and F.cross_entropy(logits.view(-1, V), y.view(-1), ignore_index=-100)
+    hf          transformers' GPT2LMHeadModel (GPT2Config of the same n_layer/n_head/n_embd/n_positions/vocab_size,
+                dropout 0, attn_implementation="sdpa", use_cache=False), our weights copied in (Conv1D transposed).
+                HF shifts `labels` by one inside the model, which would drop the last position's target; so it is
+                called with shift_labels=y (transformers' ForCausalLMLoss then uses y as given, unshifted): it trains
+                exactly the targets y of x that the other two train, -100 where masked.
+
+All three: the same initial weights, the same fused AdamW (GPT.configure_optimizer's groups: decay on matrices, lr 6e-5,
+betas 0.9/0.95, wd 0.01), clip 1.0, fp32, the same threads, the same batches, loss summed and divided by the batch's
+target count. Batches come from the project's DataLoader over dolly15k/ (one batch per round, the same for every
+implementation): --loss_on all (every next token is a target) and response (prompt targets are -100).
+
+Timing: round 0 warms up (allocator, AdamW state) and is not counted; in each round every (loss_on, implementation)
+does one step on that round's batch, the implementations in rotating order; median over rounds. Each round also
+times a big fp32 matmul (2048^3, best of 2) with the same threads: the "peak" MFU is measured against (median over
+rounds). MFU = (6 N + 12 L T C) x tokens / step time / peak, N = parameters without wpe (nanoGPT's estimate; the
+same nominal full-loss FLOPs for every row, so a response-only step that skips work shows a higher "MFU").
+
+Same math: every step's loss and gradient norm (before clipping) of nanogpt and hf are compared with ours; round 0
+is on identical fresh weights, later rounds after identical updates (the trajectories stay together to float noise).
+
+Peak memory: each implementation runs in its own child process (this script, hidden --_child flag), which imports the
+same modules, reads the same batches, then builds its model and optimizer and does 2 steps (ours once per --loss_on;
+nanogpt and hf once, their full-logits path costs the same whatever the targets). Reported:
+the peak RSS (VmHWM: whole process), that minus the RSS before the model was built ("training": weights, grads, AdamW
+state, activations, logits) and the peak of step 2 above its start (VmHWM reset through /proc/self/clear_refs;
+activations and logits only). The memory goal uses "training".
+
+Goals (PASS/MISS printed for each; --strict exits 1 on a MISS):
+    full loss, 124M shape: ours >= 1.0x nanogpt and >= 1.05x hf tokens/s (a MISS at >= 0.95x is flagged as inside
+                           the noise floor); training peak memory <= 0.85x hf's
+    response-only loss:    ours response >= 1.15x ours loss_on all at the 124M shape, >= 1.8x on the small CPU
+                           quick-start model (4 layers, 4 heads, 128 wide, T 256, B 8); same loss as the full-logits
+                           reference to float tolerance
+The speed-up of response-only depends on the share of prompt tokens in the batch (printed): the bundled
+dolly_sample.jsonl is 75% response tokens, so at most ~25% of the lm_head work can be skipped (on the small model,
+where the lm_head is most of the step, that caps the gain near 1.3x).
+
+Measured on the 2-core dev VM (1 thread, load average 0.2-1.4, bundled sample): small model ours 1.33x nanogpt and
+1.35x hf with the full loss, response-only 1.25x ours full loss (1.7x nanogpt/hf), training memory 0.28x hf's;
+124M shape (B 2 x T 128) ours 1.00x nanogpt, 1.14x hf, response-only 1.12x, training memory 0.86x hf's (at 256
+tokens per step weights, grads and AdamW state are ~90% of it; the logits ours never holds weigh more at longer T).
+Losses and gradient norms agree to ~1e-7 (hf's gradient norm to ~3e-6). TargetCrossEntropy with one exp per logit
+and no zero-filled/extra (vocab, C) buffers made ours' step 1.20x faster on the small model and 1.08x at 124M.
+
+Run (CPU, ~4 min on a 2-core VM with 1 thread; run it on an idle machine):
+    python bench/train_step.py
+    python bench/train_step.py --configs small --rounds 9
+    python bench/train_step.py --configs 124m --seq_len 256 --batch 2 --threads 2 --no_memory
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "model"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import finetune_dolly as fd  # noqa: E402
+import transformers  # noqa: E402  (imported by every child too, so their baseline memory is the same)
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+VOCAB = 50304  # build-nanogpt's padded vocabulary
+SHAPES = {  # name: (n_layer, n_head, n_embd, block_size)
+    "small": (4, 4, 128, 256),  # the CPU quick-start model of finetune_dolly.py's docstring
+    "124m": (12, 12, 768, 1024),  # GPT-2 small
+}
+IMPLS = ("ours", "nanogpt", "hf")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF stores these (in, out)
+GOAL_VS_NANOGPT, GOAL_VS_HF, NOISE_FLOOR = 1.0, 1.05, 0.95
+GOAL_MEMORY = 0.85
+GOAL_RESPONSE = {"124m": 1.15, "small": 1.8}
+LOSS_RTOL = 1e-4  # relative; fp32 sums over ~50k logits in different orders (chunked vs whole) differ at ~1e-6
+
+
+# -----------------------------------------------------------------------------
+# the three implementations
+
+def build_model(impl, shape, seed=0, same_weights=True):
+    """A fresh model; with same_weights, HF's gets a copy of the GPT's initial weights (the memory children skip that,
+    so that the HF child never holds a second model)."""
+    n_layer, n_head, n_embd, block_size = SHAPES[shape]
+    torch.manual_seed(seed)
+    if impl != "hf":
+        return fd.GPT(fd.GPTConfig(block_size=block_size, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).train()
+    config = GPT2Config(vocab_size=VOCAB, n_positions=block_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, attn_implementation="sdpa")
+    hf = GPT2LMHeadModel(config)
+    assert hf.lm_head.weight is hf.transformer.wte.weight and hf.config._attn_implementation == "sdpa"
+    if not same_weights:
+        return hf.train()
+    gpt = build_model("ours", shape, seed)
+    sd = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in gpt.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte, loaded through it
+    if missing or unexpected:
+        raise SystemExit(f"weights do not map onto GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
+    return hf.train()
+
+
+def nanogpt_loss(model, x, y):
+    """build-nanogpt's forward on the project's modules: full (B, T, V) logits, then one cross_entropy (summed)."""
+    tr = model.transformer
+    h = tr.wte(x) + tr.wpe(torch.arange(x.size(1), device=x.device))
+    for block in tr.h:
+        h = block(h)
+    logits = model.lm_head(tr.ln_f(h))
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=fd.IGNORE_INDEX, reduction="sum")
+
+
+def hf_loss(model, x, y):
+    # shift_labels=y: the targets as given (see the docstring); num_items_in_batch=1: ForCausalLMLoss sums
+    return model(input_ids=x, labels=y, shift_labels=y, num_items_in_batch=1, use_cache=False).loss
+
+
+def train_step(impl, model, optimizer, x, y, num_targets):
+    """One optimizer step; returns (mean loss over the targets, gradient norm before clipping)."""
+    if impl == "ours":
+        loss_sum = fd.accumulate_gradients(model, [(x, y)], num_targets, 1, "cpu")  # the project's own code path
+    else:
+        loss_sum = (nanogpt_loss if impl == "nanogpt" else hf_loss)(model, x, y)
+        (loss_sum / max(1, num_targets)).backward()  # as accumulate_gradients: normalised by the step's targets
+        loss_sum = loss_sum.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item() / max(1, num_targets), norm.item()
+
+
+def make_optimizer(model):
+    # GPT.configure_optimizer only reads self.parameters(): the same groups and fused AdamW for the HF model
+    return fd.GPT.configure_optimizer(model, fd.TrainConfig(), "cpu")
+
+
+def dolly_batches(data_dir, B, T, n, loss_on):
+    """n consecutive (x, y, num_targets) micro-batches of the train split from the project's DataLoader."""
+    manifest = fd.load_manifest(data_dir)
+    loader = fd.DataLoader(fd.TokenStream(data_dir, "train", manifest), B, T, 1, 0, 1, loss_on)
+    out = []
+    for _ in range(n):
+        batches, num_targets = loader.next_step()
+        out.append((*batches[0], num_targets))
+    return out
+
+
+def flops_per_token(model, shape, T):
+    n_layer, _, n_embd, _ = SHAPES[shape]
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * n_layer * T * n_embd
+
+
+def matmul_peak(n=2048, reps=2):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+# -----------------------------------------------------------------------------
+# memory: one child process per (shape, implementation, loss_on)
+
+def proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def child(spec, args):
+    shape, impl, loss_on = spec.split(":")
+    B, T = shape_batch(shape, args)
+    batches = dolly_batches(args.data_dir, B, T, 2, loss_on)
+    rss0 = proc_status_kb("VmRSS")
+    model = build_model(impl, shape, same_weights=False)
+    optimizer = make_optimizer(model)
+    train_step(impl, model, optimizer, *batches[0])
+    rss1, peak1 = proc_status_kb("VmRSS"), proc_status_kb("VmHWM")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    train_step(impl, model, optimizer, *batches[1])
+    peak2 = proc_status_kb("VmHWM")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork + exec (the parent holds the
+    # benchmark's models), while VmHWM belongs to this process's own address space
+    peak = max(peak1, peak2)
+    print(json.dumps({"maxrss": peak, "training": peak - rss0, "step2": peak2 - rss1 if hwm_reset else None}))
+
+
+def measure_memory(shape, args):
+    """{(impl, loss_on): peaks}. nanogpt and hf run their full-logits path whatever the targets, so they are measured
+    once (with the first --loss_on) and that figure stands for both; ours once per --loss_on."""
+    specs = [(impl, args.loss_on[0]) for impl in IMPLS] + [("ours", lo) for lo in args.loss_on[1:]]
+    out = {}
+    for impl, loss_on in specs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", f"{shape}:{impl}:{loss_on}", "--threads", str(args.threads),
+               "--seq_len", str(args.seq_len), "--batch", str(args.batch), "--data_dir", args.data_dir]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"memory child {shape}:{impl}:{loss_on} failed:\n{r.stderr[-2000:]}")
+        out[impl, loss_on] = json.loads(r.stdout.strip().splitlines()[-1])
+    for lo in args.loss_on[1:]:
+        for impl in IMPLS[1:]:
+            out[impl, lo] = dict(out[impl, args.loss_on[0]], same_as=args.loss_on[0])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the benchmark
+
+def shape_batch(shape, args):
+    return (8, 256) if shape == "small" else (args.batch, args.seq_len)
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def bench(shape, args):
+    B, T = shape_batch(shape, args)
+    n_layer, n_head, n_embd, _ = SHAPES[shape]
+    batches = {lo: dolly_batches(args.data_dir, B, T, args.rounds + 1, lo) for lo in args.loss_on}
+    models = {impl: build_model(impl, shape) for impl in IMPLS}
+    optimizers = {impl: make_optimizer(m) for impl, m in models.items()}
+    n_params = sum(p.numel() for p in models["ours"].parameters())
+    fpt = flops_per_token(models["ours"], shape, T)
+    seconds = {(impl, lo): [] for lo in args.loss_on for impl in IMPLS}
+    record = {key: [] for key in seconds}  # (loss, grad norm) per round
+    peaks = []
+    for r in range(args.rounds + 1):
+        for lo in args.loss_on:  # each model sees all then response, every round: the trajectories stay comparable
+            x, y, num_targets = batches[lo][r]
+            for impl in IMPLS[r % 3:] + IMPLS[:r % 3]:
+                t = time.perf_counter()
+                loss_norm = train_step(impl, models[impl], optimizers[impl], x, y, num_targets)
+                dt = time.perf_counter() - t
+                record[impl, lo].append(loss_norm)
+                if r > 0:
+                    seconds[impl, lo].append(dt)
+        peaks.append(matmul_peak())
+    del models, optimizers
+    peak = statistics.median(peaks)
+    tokens = B * T
+    print(f"\n== {shape}: {n_params / 1e6:.1f}M params ({n_layer} layers, {n_head} heads, {n_embd} wide, vocab {VOCAB}), "
+          f"B {B} x T {T} = {tokens} tokens/step, fp32, {torch.get_num_threads()} thread(s), median of {args.rounds} rounds")
+    for lo in args.loss_on:
+        share = [b[2] / tokens for b in batches[lo][1:]]
+        print(f"   loss_on {lo:8s}: targets {min(share):.0%}-{max(share):.0%} of the tokens in the timed batches")
+    print(f"   fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, median of per-round bests {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f}); "
+          f"model FLOPs {fpt / 1e6:.1f} M/token (6N + 12LTC, full loss)")
+    print(f"   {'loss_on':8s} {'impl':8s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'min-max ms':>15s}   vs ours")
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    for lo in args.loss_on:
+        for impl in IMPLS:
+            s = seconds[impl, lo]
+            m = median[impl, lo]
+            vs = "" if impl == "ours" else f"ours {median[impl, lo] / median['ours', lo]:.2f}x faster"
+            print(f"   {lo:8s} {impl:8s} {m * 1e3:9.1f} {tokens / m:10.0f} {fpt * tokens / m / peak:6.1%} "
+                  f"{min(s) * 1e3:7.0f}-{max(s) * 1e3:<7.0f}   {vs}")
+    # the same math: loss and gradient norm of each step against ours
+    same = {}
+    print("   same math (relative difference to ours; round 0 = identical fresh weights, max over all rounds):")
+    for lo in args.loss_on:
+        for impl in IMPLS[1:]:
+            d_loss = [rel(a[0], b[0]) for a, b in zip(record[impl, lo], record["ours", lo])]
+            d_norm = [rel(a[1], b[1]) for a, b in zip(record[impl, lo], record["ours", lo])]
+            same[impl, lo] = max(d_loss) <= LOSS_RTOL
+            print(f"     {lo:8s} {impl:8s} loss {record['ours', lo][0][0]:.6f} vs {record[impl, lo][0][0]:.6f}: round 0 {d_loss[0]:.1e}, "
+                  f"max {max(d_loss):.1e} | grad norm round 0 {d_norm[0]:.1e}, max {max(d_norm):.1e}")
+    return {"median": median, "tokens": tokens, "same": same, "seconds": seconds}
+
+
+def ratio_line(same, ratio, goal, text, spread, floor=None):
+    """PASS at or above the goal (with the same math); below it but at or above the floor: a MISS inside the noise."""
+    if ratio >= goal and same:
+        status = "PASS"
+    elif floor is not None and ratio >= floor and same:
+        status = f"MISS (inside the noise floor >= {floor:g}x)"
+    else:
+        status = "MISS"
+    print(f"{status}: {text}: {ratio:.3f}x (goal >= {goal:g}x), per-round {spread}")
+    return status == "PASS"
+
+
+def per_round(res, a, b):
+    """min-max over rounds of time(b) / time(a): how far the ratio moves round to round."""
+    r = [tb / ta for ta, tb in zip(res["seconds"][a], res["seconds"][b])]
+    return f"{min(r):.2f}-{max(r):.2f}x"
+
+
+def main():
+    p = argparse.ArgumentParser(description="Benchmark the training step against build-nanogpt math and transformers.")
+    p.add_argument("--configs", default="small,124m", help="comma list of: small, 124m")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round); the median is reported")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared 2-core box, 1 thread was 2.4x faster than 2)")
+    p.add_argument("--seq_len", type=int, default=128, help="sequence length at the 124M shape (short on CPU)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per step at the 124M shape")
+    p.add_argument("--loss_on", default="all,response", help="comma list of: all, response")
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"), help="shards from model/prepare_dolly.py")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any goal is missed")
+    p.add_argument("--_child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.loss_on = [s for s in args.loss_on.split(",") if s]
+    torch.set_num_threads(args.threads)
+    if args._child:
+        return child(args._child, args)
+    configs = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
+    if not configs or any(c not in SHAPES for c in configs) or any(lo not in ("all", "response") for lo in args.loss_on):
+        p.error(f"--configs from {list(SHAPES)}, --loss_on from all,response")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    t_start = time.time()
+    results, memory = {}, {}
+    for shape in configs:
+        results[shape] = bench(shape, args)
+        if not args.no_memory:
+            memory[shape] = measure_memory(shape, args)
+            print(f"   peak memory (MiB; child processes, 2 steps each): {'':10s} peak RSS   training   step 2   training vs hf")
+            for lo in args.loss_on:
+                for impl in IMPLS:
+                    m = memory[shape][impl, lo]
+                    step2 = f"{m['step2'] / 1024:8.0f}" if m["step2"] is not None else "       -"
+                    note = f"   (= loss_on {m['same_as']}: the same full-logits path)" if "same_as" in m else ""
+                    print(f"     {lo:8s} {impl:8s} {'':31s}{m['maxrss'] / 1024:9.0f} {m['training'] / 1024:10.0f} {step2} "
+                          f"{m['training'] / memory[shape]['hf', lo]['training']:9.2f}x{note}")
+
+    print(f"\nload average now {os.getloadavg()[0]:.2f}; {time.time() - t_start:.0f} s")
+    passed = []
+    if "124m" in results and "all" in args.loss_on:
+        res = results["124m"]
+        med = res["median"]
+        same = res["same"]["nanogpt", "all"] and res["same"]["hf", "all"]
+        passed.append(ratio_line(same, med["nanogpt", "all"] / med["ours", "all"], GOAL_VS_NANOGPT,
+                                 "124M full loss, ours vs build-nanogpt math, tokens/s", per_round(res, ("ours", "all"), ("nanogpt", "all")), NOISE_FLOOR))
+        passed.append(ratio_line(same, med["hf", "all"] / med["ours", "all"], GOAL_VS_HF,
+                                 "124M full loss, ours vs transformers GPT2LMHeadModel, tokens/s", per_round(res, ("ours", "all"), ("hf", "all")), NOISE_FLOOR))
+        if not same:
+            print("MISS: 124M full loss: the losses differ from the references beyond float tolerance")
+        if "124m" in memory:
+            m = memory["124m"]
+            ratio = m["ours", "all"]["training"] / m["hf", "all"]["training"]
+            ok = ratio <= GOAL_MEMORY
+            passed.append(ok)
+            print(f"{'PASS' if ok else 'MISS'}: 124M full loss, training peak memory ours / transformers: {ratio:.2f}x (goal <= {GOAL_MEMORY:g}x; "
+                  f"whole process {m['ours', 'all']['maxrss'] / m['hf', 'all']['maxrss']:.2f}x)")
+    if "response" in args.loss_on and "all" in args.loss_on:
+        for shape in configs:
+            res = results[shape]
+            med = res["median"]
+            same = res["same"]["nanogpt", "response"]
+            passed.append(ratio_line(True, med["ours", "all"] / med["ours", "response"], GOAL_RESPONSE[shape],
+                                     f"{shape} response-only loss vs the full-loss step (ours, tokens/s)",
+                                     per_round(res, ("ours", "response"), ("ours", "all"))))
+            print(f"     (vs build-nanogpt math with the full loss: {med['nanogpt', 'all'] / med['ours', 'response']:.2f}x)")
+            passed.append(same)
+            print(f"{'PASS' if same else 'MISS'}: {shape} response-only loss equals the full-logits cross_entropy with "
+                  f"ignore_index=-100 on the same batches (relative tolerance {LOSS_RTOL:g})")
+    return 1 if args.strict and not all(passed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
