@@ -21,26 +21,27 @@ costs beyond a plain torch.save.
                 to a temp file + os.replace, no fsync); for reference also (e): (d) plus fsync of the file and of the
                 directory, the floor for a save that survives a power cut. The state is taken after the bare steps.
 
-The run uses the CPU quick-start config (finetune_dolly.py's docstring, with intervals of 10 instead of the default 2,
-so that a 20-step run has evals, samples and checkpoints at 0/10/20 as a longer run would have them every few % of its
-steps): --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 --sequence_length 256
---batch_size 8 --total_batch_size 16384 --max_steps 20 --eval_interval 10 --generate_interval 10
---checkpoint_interval 10 --val_tokens 16384 --threads 1 --max_lr 1e-3. --interval 2 measures the default intervals
-instead, and --set FIELD=VALUE ... changes any other setting (e.g. README's quick start).
+The run uses README's CPU quick-start model and batch, shortened to 10 steps with evals, samples and checkpoints
+at 0/5/10 (as a longer run would have them every few % of its steps), so that the bench takes ~2-3 minutes here:
+--pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 --sequence_length 128
+--batch_size 8 --total_batch_size 8192 --max_steps 10 --eval_interval 5 --generate_interval 5
+--checkpoint_interval 5 --val_tokens 16384 --threads 1 --max_lr 2e-3. --interval 2 measures the default intervals
+instead, and --set FIELD=VALUE ... changes any other setting.
 (a) and (b) alternate (a, b, a, b, ...); (c), (d), (e) alternate over --save_rounds after one warm-up each; medians.
 
-Measured on the 2-core dev VM (1 thread, load average ~1): run loop 222 s, bare steps 207 s: overhead 7.5% (CPU time
-7.4%); within the run evaluate 7.1% of the step time (3 x 16k val tokens, ~half a training step each on this
-lm_head-bound model), write_samples 3.0% (3 x 8 prompts x 64 tokens), loss.png 0.5%, checkpoints 0.5%, logging ~0.
-A checkpoint save (83 MiB) 87 ms, 1.07x a plain torch.save + rename and 1.01x the same with fsync.
+Measured on the 2-core dev VM (1 thread, load average ~1, 2026-11-30): run loop 72.9 s, bare steps 50.1 s: overhead
+45.5%, of which evaluate 28.7% (3 x 16k val tokens, ~half a training step each on this lm_head-bound model) and
+write_samples 12.7% (3 x 8 prompts x 64 tokens), both as often as the user asks; loss.png 2.1%, checkpoints 1.9%,
+logging ~0. A checkpoint save (83 MiB) 95 ms, 1.04x a plain torch.save + rename and 0.97x the same with fsync.
+(The earlier 20-step config with evals every 10 steps measured 7.5%.)
 
 Goals (PASS/MISS; --strict exits 1 on a MISS):
     whole-run overhead <= 5% of the bare step time        full checkpoint save <= 1.2x a plain atomic torch.save
 
-Run (CPU; one round is a 20 x 16k-token run plus 20 bare steps, ~9 min on an idle 2-core VM; run it on an idle machine):
+Run (CPU; one round is a 10-step run plus 10 bare steps, ~2 min on an idle 2-core VM):
     python bench/end_to_end.py
     python bench/end_to_end.py --rounds 3 --save_rounds 9
-    python bench/end_to_end.py --max_steps 10 --interval 5      # ~half the time; evals and samples weigh more per step
+    python bench/end_to_end.py --max_steps 20 --interval 10     # evals and samples weigh less per step
 """
 
 import argparse
@@ -68,9 +69,9 @@ import finetune_dolly as fd  # noqa: E402
 
 GOAL_OVERHEAD = 0.05  # (run - bare) / bare
 GOAL_SAVE = 1.2  # full checkpoint save / plain atomic torch.save
-QUICKSTART = dict(pretrained_checkpoint="none", n_layer=4, n_head=4, n_embd=128, block_size=256, sequence_length=256,
-                  batch_size=8, total_batch_size=16384, max_steps=20, eval_interval=10, generate_interval=10,
-                  checkpoint_interval=10, val_tokens=16384, threads=1, max_lr=1e-3)
+QUICKSTART = dict(pretrained_checkpoint="none", n_layer=4, n_head=4, n_embd=128, block_size=256, sequence_length=128,
+                  batch_size=8, total_batch_size=8192, max_steps=10, eval_interval=5, generate_interval=5,
+                  checkpoint_interval=5, val_tokens=16384, threads=1, max_lr=2e-3)
 TIMED = ("evaluate", "write_samples", "refresh_plot", "atomic_torch_save", "prune_checkpoints")
 
 
