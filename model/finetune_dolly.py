@@ -1232,7 +1232,7 @@ def guide_warnings(cfg, steps_per_epoch):
     out = []
     if cfg.max_lr > 1e-4:
         out.append(f"--max_lr {cfg.max_lr:g} is high for fine-tuning (guide: ~6e-5, 1/10-1/100 of pretraining's); it may erase pretrained knowledge")
-    if cfg.max_steps > steps_per_epoch * 1.0001:
+    if cfg.max_steps > steps_per_epoch * 1.25:  # the guide's own default (6 steps) is ~1.1-1.2 epochs
         out.append(f"{cfg.max_steps} steps = {cfg.max_steps / steps_per_epoch:.2f} epochs; the guide advises at most ~1 epoch (catastrophic forgetting)")
     if cfg.weight_decay == 0:
         out.append("--weight_decay 0: the guide uses 0.01 to keep weights near the pretrained ones")

@@ -277,3 +277,10 @@ def test_compile_gives_the_same_losses_without_recompiling_every_step(data_dir, 
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4)
     assert "Recompiling" not in compiled.stderr
+
+
+def test_guide_warns_past_about_one_epoch():
+    cfg = fd.TrainConfig(max_steps=6)  # the guide's default, ~1.1-1.2 epochs of Dolly-15k: no warning
+    assert not fd.guide_warnings(cfg, steps_per_epoch=5.3)
+    warnings = fd.guide_warnings(fd.TrainConfig(max_steps=12), steps_per_epoch=5.3)
+    assert len(warnings) == 1 and "2.26 epochs" in warnings[0]
