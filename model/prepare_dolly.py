@@ -164,10 +164,10 @@ def read_local(path):
                                 f"pass the original JSONL file")
             return [check_record(r, f"{path}:row {i + 1}") for i, r in enumerate(rows)]
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                head = f.read(1)
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the JSON
+                head = f.read(4096).lstrip()[:1]
             if head == "[":
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8-sig") as f:
                     try:
                         rows = json.load(f)
                     except json.JSONDecodeError as e:

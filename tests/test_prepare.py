@@ -528,3 +528,14 @@ def test_bad_arguments_exit_2(tmp_path, args, expected):
     result = run_cli("--output_dir", tmp_path / "out", *args)
     assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_json_list_with_bom_and_leading_whitespace(tmp_path):
+    """A JSON list saved by an editor that writes a byte-order mark and a newline first is still a list."""
+    import json as _json
+    records = [{"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"},
+               {"instruction": "Name a fruit.", "context": "", "response": "Apple.", "category": "open_qa"}]
+    path = tmp_path / "dolly.json"
+    path.write_bytes(b"\xef\xbb\xbf\n  " + _json.dumps(records).encode())
+    import prepare_dolly
+    assert prepare_dolly.read_local(str(path)) == records
