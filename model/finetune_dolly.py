@@ -501,17 +501,17 @@ class TokenStream:
         self.starts = np.cumsum([0] + [s["num_tokens"] for s in shards])
         self.num_tokens = int(self.starts[-1])
 
-    def read(self, start, n):
-        """Tokens, masks and categories at stream positions start .. start+n-1 (wrapping around)."""
+    def read(self, start, n, kinds=(0, 1, 2)):
+        """Tokens, masks and categories (kinds 0, 1, 2) at stream positions start .. start+n-1 (wrapping around)."""
         pieces, pos = [], start % self.num_tokens
         while n > 0:
             k = int(np.searchsorted(self.starts, pos, side="right")) - 1
             lo = pos - self.starts[k]
             take = min(n, int(self.starts[k + 1] - pos))
-            pieces.append([a[lo:lo + take] for a in self.parts[k]])
+            pieces.append([self.parts[k][i][lo:lo + take] for i in kinds])
             n -= take
             pos = (pos + take) % self.num_tokens
-        return [np.concatenate([p[i] for p in pieces]) for i in range(3)]
+        return [np.concatenate([p[j] for p in pieces]) for j in range(len(kinds))]
 
 
 def make_targets(tokens, mask, loss_on):
@@ -539,13 +539,13 @@ class DataLoader:
         batches = []
         for micro_step in range(self.grad_accum):
             start = self.position + (micro_step * self.world_size + self.rank) * B * T
-            tokens, mask, _ = self.stream.read(start, B * T + 1)
+            tokens, mask = self.stream.read(start, B * T + 1, kinds=(0, 1))
             x = torch.from_numpy(tokens[:-1].astype(np.int64)).view(B, T)
             y = make_targets(tokens[1:], mask[1:], self.loss_on).view(B, T)
             batches.append((x, y))
         # every rank can count the step's targets itself: the targets of all micro-batches are one contiguous range
         if self.loss_on == "response":
-            _, mask, _ = self.stream.read(self.position + 1, self.tokens_per_step)
+            (mask,) = self.stream.read(self.position + 1, self.tokens_per_step, kinds=(1,))
             num_targets = int(np.count_nonzero(mask))
         else:
             num_targets = self.tokens_per_step
