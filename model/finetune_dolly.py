@@ -13,7 +13,7 @@ Launch:
     python model/finetune_dolly.py --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 \\
         --sequence_length 128 --batch_size 8 --total_batch_size 8192 --max_steps 30 --max_lr 2e-3 --threads 1  # tiny CPU run
 
-Exit status: 0 done; 1 error (one line says what to do); 2 bad command line;
+Exit status: 0 done; 1 error, bad flag values included (one line says what to do); 2 unparsable command line;
 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with --auto_resume).
 """
 
@@ -761,9 +761,10 @@ def print0(*args, **kwargs):
 
 
 def all_reduce_sum(values, device):
+    if not dist.is_initialized():
+        return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
@@ -777,7 +778,7 @@ class RunLog:
         # drop their metrics so no step is duplicated.
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
-                kept = [line for line in f if line.strip() and 0 < start_step and json.loads(line)["step"] <= start_step]
+                kept = [json.dumps(r) + "\n" for r in read_jsonl_lines(f) if 0 < start_step and r["step"] <= start_step]
             write_text_atomic(self.metrics_path, "".join(kept))
         self.bar = None
         if sys.stdout.isatty():
@@ -805,6 +806,17 @@ class RunLog:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def read_jsonl_lines(f):
+    """The records of a JSON-lines file, without a last line that a kill left half-written."""
+    records = []
+    for line in f:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
 
 
 class RunLock:
@@ -939,7 +951,7 @@ def write_samples(model, enc, prompts, cfg, step, device, autocast, runlog):
     old = []
     if os.path.exists(path):
         with open(path) as f:
-            old = [r for r in map(json.loads, f) if r["step"] < step]  # answers from steps a resume redid are replaced
+            old = [r for r in read_jsonl_lines(f) if r["step"] < step]  # answers from steps a resume redid are replaced
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in old + records))
     first = {r["instruction"]: r["answer"] for r in old + records if r["step"] == 0}
     md = [f"# Samples: before fine-tuning (step 0) and at step {step}\n", f"| category | instruction | step 0 | step {step} |", "|---|---|---|---|"]
@@ -1026,7 +1038,8 @@ def train(cfg, given=frozenset()):
     device_type = device.split(":")[0]
     lock = runlog = None
     try:
-        validate_config(cfg, world_size)
+        if not (cfg.auto_resume or cfg.resume or cfg.checkpoint_path):
+            validate_config(cfg, world_size)  # on resume, the settings are checked once merged with the saved ones
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # every rank the same: identical init; nothing in training is random
@@ -1055,6 +1068,14 @@ def train(cfg, given=frozenset()):
                 found = (choice[0], load_checkpoint(choice[0]))
             found = found if choice[0] else None
         model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found)
+        if ckpt is not None and rank == 0:
+            # Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out
+            # of rotation and auto-resume (not deleted), so a later --auto_resume cannot jump back to them.
+            for step_n, path in list_checkpoints(cfg.log_dir):
+                if step_n > ckpt["step"]:
+                    os.replace(path, path + ".superseded")
+                    print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
+                           f"{os.path.basename(path)}.superseded")
         validate_config(cfg, world_size)
         if cfg.sequence_length > model.config.block_size:
             raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
@@ -1070,7 +1091,7 @@ def train(cfg, given=frozenset()):
             cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * steps_per_epoch)))
         dtype = cfg.dtype
         if dtype == "auto":
-            native_bf16 = (device_type == "cuda" and torch.cuda.is_bf16_supported()) or (device_type == "cpu" and cpu_has_amx_bf16())
+            native_bf16 = (device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)) or (device_type == "cpu" and cpu_has_amx_bf16())
             dtype = "bfloat16" if native_bf16 else "float32"
         elif dtype == "bfloat16" and device_type == "cpu" and not cpu_has_amx_bf16():
             print0("WARNING: --dtype bfloat16 on a CPU without AMX: bf16 autocast is emulated and was measured ~45x slower "

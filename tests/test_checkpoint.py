@@ -247,3 +247,29 @@ def test_save_into_an_unwritable_log_dir_fails_cleanly(data_dir, tmp_path):
     blocker.write_text("not a directory")
     r = run_trainer(data_dir, blocker / "log")
     assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(data_dir, tmp_path, reference):
+    """Resuming from model_00002.pt in a folder that holds 4 and 6: those are the abandoned future of the run.
+    They are renamed out of rotation and auto-resume, so a later --auto_resume cannot jump back to them."""
+    import shutil
+    log = tmp_path / "log"
+    shutil.copytree(reference, log)
+    r = run_trainer(data_dir, log, "--resume", "--checkpoint_path", str(log / "model_00002.pt"), "--max_steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert [s for s, _ in fd.list_checkpoints(log)] == [2, 3]
+    assert os.path.exists(log / "model_00004.pt.superseded") and os.path.exists(log / "model_00006.pt.superseded")
+    assert [m["step"] for m in read_metrics(log)] == [0, 1, 2, 3]
+
+
+def test_half_written_metrics_line_does_not_block_resume(data_dir, tmp_path, reference):
+    """A kill during a metrics write leaves a partial last line; --auto_resume must still work."""
+    import shutil
+    log = tmp_path / "log"
+    shutil.copytree(reference, log)
+    os.remove(log / "model_00006.pt")
+    with open(log / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "tr')
+    r = run_trainer(data_dir, log, "--auto_resume")
+    assert r.returncode == 0, r.stderr
+    assert read_metrics(log) == read_metrics(reference)
