@@ -40,8 +40,7 @@ HELP_LINE = ("Type an instruction and press Enter. 'context: TEXT' attaches a co
 
 def model_from_finetune_checkpoint(path, ckpt):
     """A GPT from a checkpoint that fd.load_checkpoint accepted. Returns (model, description)."""
-    model = fd.GPT(fd.GPTConfig(**ckpt["model_config"]))
-    fd.load_state_dict_checked(model, ckpt["model"], path)
+    model = fd.model_from_checkpoint(ckpt, path)
     if ckpt.get("init_source") == "random":
         print(f"note: {path} was fine-tuned from a random init, not a pretrained GPT-2; expect little sense", file=sys.stderr)
     val = f", val loss {ckpt['val_loss']:.4f}" if isinstance(ckpt.get("val_loss"), float) else ""
@@ -88,16 +87,6 @@ def load_model(checkpoint):
     # a readable file without the fine-tune keys: build-nanogpt's checkpoint or a state dict. load_pretrained reads
     # the file again; that costs a second or so next to a chat session, and keeps one loader per format.
     return load_pretrained_model(pretrained_cfg)
-
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise fd.UserError(f"--device {name}, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise fd.UserError("--device mps, but this torch has no Apple MPS support; use --device cpu")
-    return name
 
 
 # -----------------------------------------------------------------------------
@@ -218,15 +207,14 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     try:
-        device = resolve_device(args.device)
+        device = fd.pick_device(args.device)
         with redirect_stdout(sys.stderr):  # the loaders' notes and warnings stay out of the answer on stdout
             model, source = load_model(args.checkpoint)
             enc = get_tokenizer(verbose=False)
         model.to(device).eval()
         n_params = sum(p.numel() for p in model.parameters())
         print(f"loaded {source}: {n_params / 1e6:.1f}M params, context {model.config.block_size} tokens, on {device}", file=sys.stderr)
-        use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        _, autocast = fd.pick_autocast(device.split(":")[0])
         generator = torch.Generator(device=device).manual_seed(args.seed)
         if args.prompt is None:
             return chat_loop(model, enc, args, generator, autocast)

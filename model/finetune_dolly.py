@@ -701,6 +701,13 @@ def load_checkpoint(path):
     return ckpt
 
 
+def model_from_checkpoint(ckpt, path):
+    """The GPT of a fine-tune checkpoint that load_checkpoint accepted."""
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    load_state_dict_checked(model, ckpt["model"], path)
+    return model
+
+
 def find_resume_checkpoint(log_dir):
     """The newest loadable checkpoint in log_dir as (path, ckpt), skipping broken ones with a warning; (None, None) if none."""
     for _, path in reversed(list_checkpoints(log_dir)):
@@ -731,19 +738,36 @@ def restore_rng_state(state):
 # -----------------------------------------------------------------------------
 # distributed set-up, logging, run lock, stop signals
 
+def pick_device(name):
+    """'auto' -> cuda > mps > cpu; an explicit device that torch cannot use is a UserError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps, but this torch has no Apple MPS support; use --device cpu")
+    return name
+
+
+def pick_autocast(device_type, dtype="auto"):
+    """Returns (dtype name, autocast context): bf16 autocast where the hardware runs bf16 natively, else fp32."""
+    if dtype == "auto":
+        native_bf16 = (device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)) or (device_type == "cpu" and cpu_has_amx_bf16())
+        dtype = "bfloat16" if native_bf16 else "float32"
+    elif dtype == "bfloat16" and device_type == "cpu" and not cpu_has_amx_bf16():
+        print0("WARNING: --dtype bfloat16 on a CPU without AMX: bf16 autocast is emulated and was measured ~45x slower "
+               "than float32 on such a CPU; use --dtype float32")
+    return dtype, torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
 def setup_distributed(cfg):
     """Reads torchrun's env vars. Returns (rank, local_rank, world_size, device); one process is world_size 1."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     else:
         rank, local_rank, world_size = 0, 0, 1
-    if cfg.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        device = cfg.device
+    device = pick_device(cfg.device)
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
         device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
         torch.cuda.set_device(device)
     if world_size > 1:
@@ -990,9 +1014,7 @@ def resolve_start(cfg, given, manifest, found=None):
     """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text).
     found: (path, checkpoint) that rank 0 already picked and loaded."""
     path, ckpt = found or (None, None)
-    if ckpt is not None:
-        pass
-    elif cfg.checkpoint_path:
+    if ckpt is None and cfg.checkpoint_path:
         path = cfg.checkpoint_path
         try:
             ckpt = load_checkpoint(path)
@@ -1001,11 +1023,11 @@ def resolve_start(cfg, given, manifest, found=None):
                 raise UserError(f"--checkpoint_path: {e}") from None
             print0(f"WARNING: {e}; falling back to the pretrained model")
             path = None
-    elif cfg.auto_resume or cfg.resume:
+    elif ckpt is None and (cfg.auto_resume or cfg.resume):
         path, ckpt = find_resume_checkpoint(cfg.log_dir)
         if ckpt is None and cfg.strict_resume:
             raise UserError(f"--strict_resume: no loadable checkpoint (model_NNNNN.pt) in {cfg.log_dir}")
-    else:
+    elif ckpt is None:
         existing = list_checkpoints(cfg.log_dir)
         if existing:
             raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {os.path.basename(existing[-1][1])}); "
@@ -1027,9 +1049,7 @@ def resolve_start(cfg, given, manifest, found=None):
     if ckpt["data_fingerprint"] != fingerprint and not cfg.allow_data_change:
         raise UserError(f"{path} was trained on other data (fingerprint {ckpt['data_fingerprint']}) than {cfg.data_dir}/ now holds "
                         f"({fingerprint}, source {manifest['source']}); re-run prepare_dolly.py as before, or pass --allow_data_change")
-    model = GPT(config)
-    load_state_dict_checked(model, ckpt["model"], path)
-    return model, TrainConfig(**merged), ckpt, ckpt.get("init_source", "?"), f"resuming from {path} at step {ckpt['step']}"
+    return model_from_checkpoint(ckpt, path), TrainConfig(**merged), ckpt, ckpt.get("init_source", "?"), f"resuming from {path} at step {ckpt['step']}"
 
 
 def train(cfg, given=frozenset()):
@@ -1090,14 +1110,7 @@ def train(cfg, given=frozenset()):
         steps_per_epoch = train_tokens / cfg.total_batch_size
         if cfg.num_epochs > 0:
             cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * steps_per_epoch)))
-        dtype = cfg.dtype
-        if dtype == "auto":
-            native_bf16 = (device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)) or (device_type == "cpu" and cpu_has_amx_bf16())
-            dtype = "bfloat16" if native_bf16 else "float32"
-        elif dtype == "bfloat16" and device_type == "cpu" and not cpu_has_amx_bf16():
-            print0("WARNING: --dtype bfloat16 on a CPU without AMX: bf16 autocast is emulated and was measured ~45x slower "
-                   "than float32 on such a CPU; use --dtype float32")
-        autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+        dtype, autocast = pick_autocast(device_type, cfg.dtype)
         if device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
