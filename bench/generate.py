@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "model"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
 
 import finetune_dolly as fd  # noqa: E402
-from prepare_dolly import EOT, VOCAB_SIZE, format_prompt, get_tokenizer  # noqa: E402
+from prepare_dolly import EOT, format_prompt, get_tokenizer  # noqa: E402
 
 NEW_TOKENS = 256
 GOAL = 5.0  # KV cache / no cache, new tokens per second

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -188,11 +190,8 @@ def assert_same_weights(a, b, rel=1e-5):
 # reference runs, each made once
 
 @pytest.fixture(scope="module")
-def dolly_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dolly")
-    subprocess.run([sys.executable, os.path.join("model", "prepare_dolly.py"), "--output_dir", str(out), "--quiet"],
-                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=LONG)
-    return out
+def dolly_dir(data_dir):
+    return Path(data_dir)  # conftest's bundled sample, prepared once per session
 
 
 @pytest.fixture(scope="module")

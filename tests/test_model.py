@@ -48,16 +48,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def data_dir(root, tmp_path_factory):
-    """Shards of the bundled Dolly sample (prepare_dolly.py works offline in about a second)."""
-    out = tmp_path_factory.mktemp("dolly")
-    subprocess.run([sys.executable, os.path.join(root, "model", "prepare_dolly.py"), "--output_dir", str(out), "--quiet"],
-                   check=True, capture_output=True, cwd=str(out), timeout=120)
-    assert (out / "manifest.json").is_file()
-    return out
-
-
 # -----------------------------------------------------------------------------
 # 1. the Hugging Face layout: same logits as transformers' GPT2LMHeadModel
 
