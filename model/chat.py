@@ -127,7 +127,9 @@ def respond(model, enc, instruction, context="", max_new_tokens=256, temperature
     return enc.decode(tokens).strip(), stop
 
 
-def stop_note(stop, max_new_tokens, block_size):
+def stop_note(stop, max_new_tokens, block_size, text=""):
+    if stop == "eot" and not text:
+        return "[the model ended its answer at once with <|endoftext|>; try another --seed or a higher --temperature]"
     if stop == "max_new_tokens":
         return f"[cut at --max_new_tokens {max_new_tokens}]"
     if stop == "block_size":
@@ -161,10 +163,10 @@ def chat_loop(model, enc, args, generator, autocast):
             print(f"(context of {len(context)} characters set for the next instruction)" if context else "(context cleared)")
             continue
         try:
-            _, stop = respond(model, enc, line, context, args.max_new_tokens, args.temperature, args.top_k, generator,
+            text, stop = respond(model, enc, line, context, args.max_new_tokens, args.temperature, args.top_k, generator,
                               autocast, on_text=lambda piece: print(piece, end="", flush=True))
             print()
-            note = stop_note(stop, args.max_new_tokens, model.config.block_size)
+            note = stop_note(stop, args.max_new_tokens, model.config.block_size, text)
             if note:
                 print(note)
         except KeyboardInterrupt:
@@ -221,7 +223,7 @@ def main(argv=None):
         text, stop = respond(model, enc, args.prompt, args.context, args.max_new_tokens, args.temperature, args.top_k,
                              generator, autocast)
         print(text)
-        note = stop_note(stop, args.max_new_tokens, model.config.block_size)
+        note = stop_note(stop, args.max_new_tokens, model.config.block_size, text)
         if note:
             print(note, file=sys.stderr)
         return 0

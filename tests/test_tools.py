@@ -263,3 +263,9 @@ def test_chat_errors_are_one_line_and_exit_1(tmp_path, capsys):
         assert chat.main(["--checkpoint", checkpoint, "--prompt", "hi"]) == 1
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_an_empty_answer_is_explained():
+    import chat
+    assert "ended its answer at once" in chat.stop_note("eot", 256, 1024, "")
+    assert chat.stop_note("eot", 256, 1024, "Paris.") is None
