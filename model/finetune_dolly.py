@@ -20,6 +20,7 @@ Exit status: 0 done; 1 error, bad flag values included (one line says what to do
 import argparse
 import dataclasses
 import fcntl
+import gc
 import hashlib
 import inspect
 import json
@@ -1283,6 +1284,10 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
+    finally:
+        # DDP's wrapper lives in reference cycles. Collected at interpreter exit instead, after its process group is
+        # gone, it can abort the process (SIGABRT, "terminate called without an active exception") on gloo.
+        gc.collect()
 
 
 if __name__ == "__main__":
