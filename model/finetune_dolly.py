@@ -265,8 +265,12 @@ class TargetCrossEntropy(torch.autograd.Function):
             dlogits[rows[:hc.size(0)], tc] -= 1
             dlogits = dlogits.to(h.dtype)
             grad_h[s:s + chunk_rows] = dlogits @ weight
-            gw = (dlogits.t() @ hc).to(weight.dtype)
-            grad_w = gw if grad_w is None else grad_w.add_(gw)
+            if grad_w is None:
+                grad_w = (dlogits.t() @ hc).to(weight.dtype)
+            elif hc.dtype == grad_w.dtype:
+                grad_w.addmm_(dlogits.t(), hc)  # in place: no second (vocab, C) buffer per chunk
+            else:  # autocast: bf16 product, fp32 sum
+                grad_w.add_(dlogits.t() @ hc)
         ctx.save_for_backward(grad_h, torch.zeros_like(weight) if grad_w is None else grad_w)
         return loss
 

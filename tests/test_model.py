@@ -266,6 +266,25 @@ def test_target_cross_entropy_matches_plain(reduction):
         torch.testing.assert_close(fd.target_cross_entropy(h0, w0, t, "none"), F.cross_entropy(h0 @ w0.t(), t, reduction="none"), rtol=1e-5, atol=1e-6)
 
 
+def test_target_cross_entropy_under_bf16_autocast():
+    """Under autocast the hidden states are bf16 and the weight fp32: the chunks' weight gradients (bf16 products)
+    are summed into one fp32 gradient. Two chunks; bf16 precision against the fp32 computation."""
+    V, C, N = 50304, 8, 400
+    g = torch.Generator().manual_seed(3)
+    h0, w0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g) * 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    grads = []
+    for dtype in (torch.bfloat16, torch.float32):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = fd.target_cross_entropy(h.to(dtype), w, t)
+        loss.backward()
+        assert w.grad.dtype == torch.float32
+        grads.append((loss.detach(), h.grad, w.grad))
+    for name, a, b in zip(("loss", "grad h", "grad weight"), *grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item(), msg=name)
+
+
 def test_model_loss_and_grads_match_full_logits():
     model = tiny_gpt(seed=7, vocab_size=50304, n_layer=2, n_head=2, n_embd=16, block_size=256, std=0.1).train()
     g = torch.Generator().manual_seed(1)
