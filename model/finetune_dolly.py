@@ -1213,10 +1213,11 @@ def train(cfg, given=frozenset()):
             if device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            grad_norm = grad_norm.item()
+            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_sec": tokens_per_step / dt, "epoch": loader.position / stream.num_tokens}
             if rank == 0:
-                runlog.log(f"step {step:5d}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {grad_norm.item():.4f} | "
+                runlog.log(f"step {step:5d}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {grad_norm:.4f} | "
                            f"{dt * 1000:.0f}ms | {tokens_per_step / dt:,.0f} tok/s | epoch {record['epoch']:.2f}")
             last_step = step == cfg.max_steps
             val_loss, is_best = None, False

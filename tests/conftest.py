@@ -1,4 +1,6 @@
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -15,9 +17,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def root():
     return ROOT
 
-
-import json
-import subprocess
 
 PYTHON = sys.executable
 TINY = ["--pretrained_checkpoint", "none", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64",
