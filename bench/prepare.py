@@ -13,10 +13,12 @@ hits all three alike; the median round is reported, with the median CPU time of 
 disturbed when other jobs share the machine). Goals:
     prepare >= 0.9x the plain loop (the extras cost little)      prepare >= 2x datasets.map
 
-Measured on the 2-core dev VM (shared with other jobs): prepare 0.77-0.87x the plain loop (~0.8x in CPU time) and
-~3x datasets.map; before write_split moved to encode_to_numpy and records_hash to a template, 0.67x and 2.9x.
-Tokenizing costs prepare the same as the plain loop; the rest of the gap is what the plain loop skips: the
-source hash (~10 ms), field checks, dedup and split (~8 ms), masks, categories and six fsync'ed files (~8 ms).
+Measured on the 2-core dev VM (shared with other jobs), 2026-11-30: prepare 0.93-1.21x the plain loop (0.64-0.88x
+in CPU time: its tokenizer threads contend for the GIL) and 3.7-4.7x datasets.map. prepare tokenizes in groups of
+512 texts joined by the EOT special token, on two threads here: 1.9x faster than a call per text; the rest of its
+time is what the plain loop skips: the source hash (~10 ms), field checks, dedup and split (~8 ms), masks,
+categories and six fsync'ed files (~8 ms). Pinned to one CPU (`taskset -c 0`, no threads) it is 0.79x the plain
+loop, as before the groups (0.76-0.87x).
 
 Run (CPU only, ~10 s on the bundled 3,105-record sample; it prints PASS/MISS per goal, --strict exits 1 on a MISS):
     python bench/prepare.py

@@ -40,6 +40,8 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -53,6 +55,7 @@ BUNDLED_RANKS = os.path.join(HERE, "gpt2.tiktoken")
 # sha256 of tiktoken's r50k_base.tiktoken, whose ranks are those of the "gpt2" encoding
 BUNDLED_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = 50256  # <|endoftext|>
+EOT_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 50257
 SHARD_SIZE = 10_000_000  # tokens per shard, as the user's guide says for instruction data
 MANIFEST_VERSION = 1
@@ -100,7 +103,7 @@ def get_tokenizer(verbose=True):
     if verbose:
         print(f"tiktoken could not download the GPT-2 ranks ({reason}); using the bundled copy {os.path.relpath(BUNDLED_RANKS)}")
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=VOCAB_SIZE)
+                             special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=VOCAB_SIZE)
 
 
 def format_example(record):
@@ -254,30 +257,55 @@ def save_npy_atomic(path, array):
     os.replace(tmp, path)
 
 
+def encode_texts(enc, texts, desc, progress):
+    """enc.encode_ordinary of each text, as uint32 arrays, in order; 1.9x faster than a call per text on 2 cores.
+    Texts go to tiktoken 512 at a time, joined by <|endoftext|> allowed as the special token: tiktoken encodes the
+    text between special tokens on its own, so cutting the ids after each EOT gives each text's ids exactly. Such
+    long calls let go of the GIL for long, so the groups run on a few threads (none on a single CPU). A text
+    that spells <|endoftext|> itself is encoded alone, as ordinary text."""
+    from tqdm import tqdm
+    threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    out = [None] * len(texts)
+    joinable = []
+    for i, text in enumerate(texts):
+        if EOT_TEXT in text:
+            out[i] = enc.encode_to_numpy(text, disallowed_special=())
+        else:
+            joinable.append(i)
+    groups = [joinable[s:s + 512] for s in range(0, len(joinable), 512)]
+
+    def encode_group(group):
+        ids = enc.encode_to_numpy(EOT_TEXT.join(texts[i] for i in group) + EOT_TEXT, allowed_special={EOT_TEXT}, disallowed_special=())
+        return np.split(ids, np.flatnonzero(ids == EOT) + 1)[:-1]  # one piece per text, each ending in its EOT
+
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False) as bar, \
+            ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        for group, pieces in zip(groups, pool.map(encode_group, groups) if pool else map(encode_group, groups)):
+            assert len(pieces) == len(group)
+            for i, piece in zip(group, pieces):
+                out[i] = piece[:-1]
+            bar.update(len(group))
+    return out
+
+
 def write_split(enc, split, records, category_ids, shard_size, out_dir, progress):
     """Tokenizes records into shards of exactly shard_size tokens (the last one shorter).
     Examples are packed back to back and may straddle a shard boundary, like build-nanogpt's fineweb.py."""
-    from tqdm import tqdm
     stats = {"records": len(records), "tokens": 0, "response_tokens": 0, "max_example_tokens": 0,
              "tokens_per_category": Counter(), "records_per_category": Counter()}
-    # The same tokens and mask as tokenize_example, without a Python int per token: encode_to_numpy with no
-    # special tokens is encode_ordinary, and its ids go straight into one buffer per split (~15% faster).
+    # The same tokens and mask as tokenize_example, straight into one buffer per split.
     # The split stays in memory (Dolly-15k: ~3M tokens, 12 MB as uint32).
-    ids, lengths = bytearray(), []  # uint32 token ids; per example: prompt length, response length + 1 (EOT)
-    eot = np.array([EOT], dtype=np.uint32).tobytes()
-    for record in tqdm(records, desc=f"tokenizing {split}", unit="rec", disable=not progress, leave=False):
-        prompt_text, response_text = format_example(record)
-        prompt = enc.encode_to_numpy(prompt_text, disallowed_special=())
-        response = enc.encode_to_numpy(response_text, disallowed_special=())
-        ids += prompt.data
-        ids += response.data
-        ids += eot
+    encoded = encode_texts(enc, [text for record in records for text in format_example(record)], f"tokenizing {split}", progress)
+    ids, lengths = [], []  # uint32 token ids; per example: prompt length, response length + 1 (EOT)
+    eot = np.array([EOT], dtype=np.uint32)
+    for record, prompt, response in zip(records, encoded[0::2], encoded[1::2]):
+        ids += (prompt, response, eot)
         lengths += (len(prompt), len(response) + 1)
         stats["tokens_per_category"][record["category"]] += len(prompt) + len(response) + 1
         stats["records_per_category"][record["category"]] += 1
     lengths = np.array(lengths, dtype=np.int64).reshape(-1, 2)
     example_lengths = lengths.sum(axis=1)
-    arrays = {"tokens": np.frombuffer(ids, dtype=np.uint32).astype(np.uint16),
+    arrays = {"tokens": np.concatenate(ids or [np.zeros(0, np.uint32)]).astype(np.uint16),
               "mask": np.repeat(np.tile(np.array([0, 1], dtype=np.uint8), len(records)), lengths.ravel()),
               "category": np.repeat(np.array([category_ids[r["category"]] for r in records], dtype=np.uint8), example_lengths)}
     n_tokens = len(arrays["tokens"])

@@ -206,6 +206,21 @@ def test_tokenize_example_round_trip_and_mask(enc, sample_records, extra):
         assert tokens[-1] == EOT and np.count_nonzero(tokens == EOT) == 1
 
 
+@pytest.mark.parametrize("cpus", [{0}, {0, 1, 2}])
+def test_encode_texts_keeps_order_on_one_or_more_threads(enc, sample_records, monkeypatch, cpus):
+    """Groups of 512 texts, joined by the EOT special token, go to a thread pool (one thread per CPU this process
+    may use, at most 8; none on a single CPU): the arrays come back in input order and equal encode_ordinary of
+    each text, also for empty texts, texts that end in whitespace and texts that spell <|endoftext|>."""
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+    texts = [text for r in sample_records for text in prepare_dolly.format_example(r)] * 4
+    texts[100:100] = ["", "ends in newlines\n\n", "  ", "Réponse 🙂 with <|endoftext|> spelled out", "<|endoftext|>", "x"]
+    assert len(texts) > 2 * 512
+    arrays = prepare_dolly.encode_texts(enc, texts, "test", progress=False)
+    assert [a.dtype for a in arrays] == [np.uint32] * len(texts)
+    assert [a.tolist() for a in arrays] == [enc.encode_ordinary(t) for t in texts]
+
+
 def test_records_hash_is_sha256_of_sorted_json_lines():
     records = [record(1), record(2, context='quotes " and \\ backslash', response="tab\tnew\nline\r\x01\x1f"),
                record(3, category="général", response="日本語 🙂 \u2028 \u00e9")]
