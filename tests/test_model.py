@@ -394,6 +394,45 @@ def test_never_samples_padding_ids():
     assert max(sampled + greedy) < 50257
 
 
+def test_batched_generation_equals_one_prompt_at_a_time():
+    """generate_batch (the samples during training) left-pads prompts of different lengths into one batch: each row
+    must get exactly the tokens generate() gives that prompt alone, greedy and seeded sampling, including rows that
+    reach the block size at different times and a prompt too long to answer."""
+    model = tiny_gpt(seed=12, std=0.3)
+    g = torch.Generator().manual_seed(5)
+    block = model.config.block_size
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (1, 7, 23, 40, block - 3, block, block + 1)]
+    for temperature, top_k in ((0, 0), (0.9, 100), (1.0, 0)):
+        gens = lambda: [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
+        alone = [fd.generate(model, p, 30, temperature, top_k, gen) for p, gen in zip(prompts, gens())]
+        assert fd.generate_batch(model, prompts, 30, temperature, top_k, gens()) == alone
+        assert [len(a) for a in alone] == [30, 30, 30, 25, 4, 1, 0]  # the rows stop at different steps
+        assert len(set(alone[0])) > 3  # not one token repeated: the comparison means something
+    assert not model.training
+
+
+def test_batched_generation_stops_each_row_at_its_eot():
+    scripts = [[5, EOT, 1, 1], [5, 6, 7, EOT], [8, 9, 10, 11]]
+
+    class ScriptedHead(torch.nn.Module):  # row b says scripts[b] one token per call, whatever the input
+        calls = 0
+
+        def forward(self, x):
+            logits = torch.zeros(x.size(0), PADDED_VOCAB)
+            for b in range(x.size(0)):
+                logits[b, scripts[b][self.calls]] = 100.0
+            self.calls += 1
+            return logits
+
+    model = fd.GPT(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
+    model.lm_head = ScriptedHead()
+    assert fd.generate_batch(model, [[1, 2], [3], [4, 5, 6]], 4, temperature=0) == [[5], [5, 6, 7], [8, 9, 10, 11]]
+    model.lm_head.calls = 0
+    scripts[2] = [12, 13, EOT, 1]
+    assert fd.generate_batch(model, [[1, 2], [3], [4, 5, 6]], 30, temperature=0) == [[5], [5, 6, 7], [12, 13]]
+    assert model.lm_head.calls == 4  # nothing after the last row's EOT
+
+
 def test_seeded_sampling_is_deterministic():
     model = tiny_gpt(seed=11, std=0.3)
     prompt = [464, 2068, 7586, 21831]
