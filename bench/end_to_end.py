@@ -21,27 +21,28 @@ costs beyond a plain torch.save.
                 to a temp file + os.replace, no fsync); for reference also (e): (d) plus fsync of the file and of the
                 directory, the floor for a save that survives a power cut. The state is taken after the bare steps.
 
-The run uses README's CPU quick-start model and batch, shortened to 10 steps with evals, samples and checkpoints
-at 0/5/10 (as a longer run would have them every few % of its steps), so that the bench takes ~2-3 minutes here:
---pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 --sequence_length 128
---batch_size 8 --total_batch_size 8192 --max_steps 10 --eval_interval 5 --generate_interval 5
---checkpoint_interval 5 --val_tokens 16384 --threads 1 --max_lr 2e-3. --interval 2 measures the default intervals
-instead, and --set FIELD=VALUE ... changes any other setting.
+The run is README's CPU quick-start command (30 steps; val loss at 0/10/20/30 on the whole val split, samples at
+0/15/30, checkpoints at 10/20/30): --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256
+--sequence_length 128 --batch_size 8 --total_batch_size 8192 --max_steps 30 --max_lr 2e-3 --min_lr 2e-4
+--warmup_steps 3 --eval_interval 10 --generate_interval 15 --checkpoint_interval 10 --threads 1.
+--max_steps and --interval N (one interval for all three) shorten it; --set FIELD=VALUE ... changes any other setting.
 (a) and (b) alternate (a, b, a, b, ...); (c), (d), (e) alternate over --save_rounds after one warm-up each; medians.
 
-Measured on the 2-core dev VM (1 thread, load average ~1, 2026-11-30): run loop 72.9 s, bare steps 50.1 s: overhead
-45.5%, of which evaluate 28.7% (3 x 16k val tokens, ~half a training step each on this lm_head-bound model) and
-write_samples 12.7% (3 x 8 prompts x 64 tokens), both as often as the user asks; loss.png 2.1%, checkpoints 1.9%,
-logging ~0. A checkpoint save (83 MiB) 95 ms, 1.04x a plain torch.save + rename and 0.97x the same with fsync.
-(The earlier 20-step config with evals every 10 steps measured 7.5%.)
+Measured on the 2-core dev VM (1 thread, load average ~1, 2026-11-30): run loop 156.8 s, bare steps 138.6 s:
+overhead 13.2%, of which evaluate 11.7% (4 x the 15.7k val tokens, 4.0 s each: a forward pass at the machine's
+matmul rate, the lm_head at ~55 GFLOP/s, as often as the command asks); all the rest 3.2%: write_samples 1.3% (3 x
+6 prompts x 64 tokens, one batch), checkpoints 1.0%, loss.png 0.9%, logging ~0. A checkpoint save (83 MiB) 84 ms,
+1.07x a plain torch.save + rename and 1.00x the same with fsync. Before the batched samples and the in-place
+evaluation loss, the shorter --max_steps 10 --interval 5 run measured 45.5% (evaluate 28.7%,
+samples 12.7%); now 33.9% (25.5%, 4.0%).
 
 Goals (PASS/MISS; --strict exits 1 on a MISS):
     whole-run overhead <= 5% of the bare step time        full checkpoint save <= 1.2x a plain atomic torch.save
 
-Run (CPU; one round is a 10-step run plus 10 bare steps, ~2 min on an idle 2-core VM):
+Run (CPU; one round is a 30-step run plus 30 bare steps, ~5 min on an idle 2-core VM):
     python bench/end_to_end.py
     python bench/end_to_end.py --rounds 3 --save_rounds 9
-    python bench/end_to_end.py --max_steps 20 --interval 10     # evals and samples weigh less per step
+    python bench/end_to_end.py --max_steps 10 --interval 5      # ~2 min; evals and samples weigh more per step
 """
 
 import argparse
@@ -70,8 +71,8 @@ import finetune_dolly as fd  # noqa: E402
 GOAL_OVERHEAD = 0.05  # (run - bare) / bare
 GOAL_SAVE = 1.2  # full checkpoint save / plain atomic torch.save
 QUICKSTART = dict(pretrained_checkpoint="none", n_layer=4, n_head=4, n_embd=128, block_size=256, sequence_length=128,
-                  batch_size=8, total_batch_size=8192, max_steps=10, eval_interval=5, generate_interval=5,
-                  checkpoint_interval=5, val_tokens=16384, threads=1, max_lr=2e-3)
+                  batch_size=8, total_batch_size=8192, max_steps=30, max_lr=2e-3, min_lr=2e-4, warmup_steps=3,
+                  eval_interval=10, generate_interval=15, checkpoint_interval=10, threads=1)  # README's quick start
 TIMED = ("evaluate", "write_samples", "refresh_plot", "atomic_torch_save", "prune_checkpoints")
 
 
@@ -214,7 +215,8 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="(run, bare) pairs; the median is reported")
     p.add_argument("--save_rounds", type=int, default=5, help="(full save, plain save) pairs after one warm-up pair")
     p.add_argument("--max_steps", type=int, default=QUICKSTART["max_steps"], help="optimizer steps of the run")
-    p.add_argument("--interval", type=int, default=QUICKSTART["eval_interval"], help="eval, generate and checkpoint interval (the trainer's default is 2)")
+    p.add_argument("--interval", type=int, default=None, help="one eval, generate and checkpoint interval for all three "
+                   "(default: the quick start's 10, 15 and 10; the trainer's default is 2)")
     p.add_argument("--threads", type=int, default=QUICKSTART["threads"], help="torch CPU threads")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"), help="shards from model/prepare_dolly.py")
     p.add_argument("--tmp_dir", default=None, help="where the temp log dirs and checkpoints go (default: the system temp dir)")
@@ -222,10 +224,11 @@ def main():
                    help="override any TrainConfig field, e.g. --set sequence_length=128 total_batch_size=8192 (README's quick start)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any goal is missed")
     args = p.parse_args()
-    if args.rounds < 1 or args.save_rounds < 1 or args.max_steps < 1 or args.interval < 1:
+    if args.rounds < 1 or args.save_rounds < 1 or args.max_steps < 1 or (args.interval is not None and args.interval < 1):
         p.error("--rounds, --save_rounds, --max_steps and --interval must be >= 1")
-    cfg_kwargs = dict(QUICKSTART, max_steps=args.max_steps, eval_interval=args.interval, generate_interval=args.interval,
-                      checkpoint_interval=args.interval, threads=args.threads, data_dir=args.data_dir)
+    cfg_kwargs = dict(QUICKSTART, max_steps=args.max_steps, threads=args.threads, data_dir=args.data_dir)
+    if args.interval is not None:
+        cfg_kwargs.update(eval_interval=args.interval, generate_interval=args.interval, checkpoint_interval=args.interval)
     fields = {f.name: f for f in dataclasses.fields(fd.TrainConfig)}
     for item in args.set:
         name, _, value = item.partition("=")

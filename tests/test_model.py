@@ -408,6 +408,7 @@ def test_batched_generation_equals_one_prompt_at_a_time():
         assert fd.generate_batch(model, prompts, 30, temperature, top_k, gens()) == alone
         assert [len(a) for a in alone] == [30, 30, 30, 25, 4, 1, 0]  # the rows stop at different steps
         assert len(set(alone[0])) > 3  # not one token repeated: the comparison means something
+    assert fd.generate_batch(model, [], 30) == [] and fd.generate_batch(model, [prompts[-1]], 30) == [[]]
     assert not model.training
 
 
