@@ -2,9 +2,11 @@
 pickles, mismatched weights), the chunked loss against the plain one, and generation (KV cache, EOT, padding ids,
 seeded sampling). Tiny models on CPU in fp32; no downloads."""
 
+import math
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -432,6 +434,18 @@ def test_batched_generation_stops_each_row_at_its_eot():
     scripts[2] = [12, 13, EOT, 1]
     assert fd.generate_batch(model, [[1, 2], [3], [4, 5, 6]], 30, temperature=0) == [[5], [5, 6, 7], [12, 13]]
     assert model.lm_head.calls == 4  # nothing after the last row's EOT
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    """Top-k draws among the k best and any tied with the k-th, as masking all other logits to -inf does:
+    logits [3, 1, 1, 1, 0, ...] with k=2 give token 0 e^3 / (e^3 + 3e) and each 1-logit token e / (e^3 + 3e)."""
+    logits = torch.zeros(PADDED_VOCAB)
+    logits[:4] = torch.tensor([3.0, 1.0, 1.0, 1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = Counter(fd.sample_next(logits, 1.0, 2, g) for _ in range(4000))
+    assert set(draws) == {0, 1, 2, 3}
+    expected = math.e ** 3 / (math.e ** 3 + 3 * math.e)  # 0.711; keeping exactly two tokens would give 0.881
+    assert abs(draws[0] / 4000 - expected) < 0.03, draws
 
 
 def test_seeded_sampling_is_deterministic():
