@@ -84,63 +84,66 @@ def timed(fn, model, prompt, n, device):
     return time.perf_counter() - t, out
 
 
+def interleaved_rounds(methods, model, inputs, n, rounds, device, warmup):
+    """Times each of methods {name: fn(model, inputs, n)} in interleaved rounds (a, b, a, b, ...) after one warm-up
+    call each (fn(model, *warmup): allocator, kernels, first-call costs). Returns ({name: seconds per round},
+    {name: its output})."""
+    for fn in methods.values():
+        timed(fn, model, *warmup, device)
+    seconds, outputs = {name: [] for name in methods}, {}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            dt, outputs[name] = timed(fn, model, inputs, n, device)
+            seconds[name].append(dt)
+    return seconds, outputs
+
+
+def report(seconds, new_tokens):
+    """Prints a line per method; returns {name: median seconds}."""
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    for name, s in seconds.items():
+        print(f"  {name:22s} {median[name]:8.2f} s | {new_tokens / median[name]:8.1f} new tokens/s "
+              f"(min {min(s):.2f} s, max {max(s):.2f} s)")
+    return median
+
+
 def bench(shape, prompt, rounds, device):
     """Returns {method: median seconds} and whether all methods produced the same tokens."""
     model = build_model(shape, device)
     n_params = sum(p.numel() for p in model.parameters())
-    for fn in METHODS.values():  # warm-up: allocator, kernels, first-call costs
-        timed(fn, model, prompt, 16, device)
-    seconds = {name: [] for name in METHODS}
-    outputs = {}
-    for _ in range(rounds):
-        for name, fn in METHODS.items():
-            dt, outputs[name] = timed(fn, model, prompt, NEW_TOKENS, device)
-            seconds[name].append(dt)
+    seconds, outputs = interleaved_rounds(METHODS, model, prompt, NEW_TOKENS, rounds, device, warmup=(prompt, 16))
     for name, out in outputs.items():
         if len(out) != NEW_TOKENS:
             raise SystemExit(f"{shape}: {name} generated {len(out)} tokens, not {NEW_TOKENS} (EOT or block size); the timing would be off")
     same = all(out == outputs["KV cache"] for out in outputs.values())
-    median = {name: statistics.median(s) for name, s in seconds.items()}
     print(f"{shape} ({n_params / 1e6:.1f}M params, {model.config.n_layer} layers, {model.config.n_embd} wide), "
           f"prompt {len(prompt)} + {NEW_TOKENS} new tokens, median of {rounds} interleaved rounds:")
-    for name, s in seconds.items():
-        print(f"  {name:22s} {median[name]:8.2f} s | {NEW_TOKENS / median[name]:8.1f} new tokens/s "
-              f"(min {min(s):.2f} s, max {max(s):.2f} s)")
+    median = report(seconds, NEW_TOKENS)
     print(f"  same tokens from both: {'yes' if same else 'NO'}")
     return median, same
 
 
 def bench_samples(shape, prompts, rounds, device):
     """The samples during training: write_samples' generate_batch (all prompts in one batch) against generate() one
-    prompt at a time, with TrainConfig's sampling settings and a seeded generator per prompt. Returns the speed-up."""
+    prompt at a time, with TrainConfig's sampling settings and a seeded generator per prompt. Prints the speed-up."""
     cfg = fd.TrainConfig()
     model = build_model(shape, device)
     prompts = [p for p in prompts if len(p) < model.config.block_size]
     if not prompts:
         print(f"{shape}: no sample prompt fits its {model.config.block_size}-token context; training-samples comparison skipped")
-        return None, True
-    n = cfg.generate_max_tokens
+        return
     gens = lambda: [torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))]
     methods = {"one at a time": lambda m, ps, n: [fd.generate(m, p, n, cfg.temperature, cfg.top_k, g) for p, g in zip(ps, gens())],
                "one batch": lambda m, ps, n: fd.generate_batch(m, ps, n, cfg.temperature, cfg.top_k, gens())}
-    for fn in methods.values():
-        timed(fn, model, prompts[:2], 8, device)  # warm-up
-    seconds, outputs = {name: [] for name in methods}, {}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            dt, outputs[name] = timed(fn, model, prompts, n, device)
-            seconds[name].append(dt)
-    median = {name: statistics.median(s) for name, s in seconds.items()}
-    tokens = sum(len(o) for o in outputs["one batch"])
+    n = cfg.generate_max_tokens
+    seconds, outputs = interleaved_rounds(methods, model, prompts, n, rounds, device, warmup=(prompts[:2], 8))
     print(f"{shape}: the training samples, {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens "
           f"x {n} new tokens (temperature {cfg.temperature}, top-k {cfg.top_k}), median of {rounds} interleaved rounds:")
-    for name, s in seconds.items():
-        print(f"  {name:22s} {median[name]:8.2f} s | {tokens / median[name]:8.1f} new tokens/s (min {min(s):.2f} s, max {max(s):.2f} s)")
+    median = report(seconds, sum(len(o) for o in outputs["one batch"]))
     same = outputs["one batch"] == outputs["one at a time"]
-    ratio = median["one at a time"] / median["one batch"]
     # in fp32 on a CPU both give the same tokens (tested); other kernels (CUDA attention with a mask) may round differently
-    print(f"  same tokens from both: {'yes' if same else 'NO'}; one batch is {ratio:.1f}x one prompt at a time")
-    return ratio, same
+    print(f"  same tokens from both: {'yes' if same else 'NO'}; one batch is {median['one at a time'] / median['one batch']:.1f}x "
+          f"one prompt at a time")
 
 
 def main():
