@@ -311,6 +311,33 @@ def test_model_loss_and_grads_match_full_logits():
     torch.testing.assert_close(losses, full[targets.view(-1) != fd.IGNORE_INDEX], rtol=1e-5, atol=1e-6)
 
 
+
+def test_tied_weight_gradient_uses_one_vocab_sized_buffer():
+    """The token embedding and the output layer share one (vocab, C) weight. Its two gradients are summed in one
+    buffer (TiedEmbedding adds its rows into the output layer's), not in two that autograd then adds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class VocabSizedBuffers(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.buffers = shape, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.shape == self.shape:
+                    self.buffers.add(t.untyped_storage().data_ptr())
+            return out
+
+    model = tiny_gpt(seed=3, vocab_size=4096, n_embd=32).train()
+    idx, targets = torch.randint(0, 4096, (2, 64)), torch.randint(0, 4096, (2, 64))
+    weight = model.lm_head.weight
+    with VocabSizedBuffers(weight.shape) as seen:
+        _, loss = model(idx, targets)
+        loss.backward()
+    seen.buffers.discard(weight.untyped_storage().data_ptr())
+    assert seen.buffers == {weight.grad.untyped_storage().data_ptr()}
+
 # -----------------------------------------------------------------------------
 # 6. generation
 
