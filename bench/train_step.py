@@ -44,12 +44,15 @@ The speed-up of response-only depends on the share of prompt tokens in the batch
 dolly_sample.jsonl is 75% response tokens, so at most ~25% of the lm_head work can be skipped (on the small model,
 where the lm_head is most of the step, that caps the gain near 1.3x).
 
-Measured on the 2-core dev VM (1 thread, load average 0.2-1.4, bundled sample): small model ours 1.33x nanogpt and
-1.35x hf with the full loss, response-only 1.25x ours full loss (1.7x nanogpt/hf), training memory 0.28x hf's;
-124M shape (B 2 x T 128) ours 1.00x nanogpt, 1.14x hf, response-only 1.12x, training memory 0.86x hf's (at 256
-tokens per step weights, grads and AdamW state are ~90% of it; the logits ours never holds weigh more at longer T).
-Losses and gradient norms agree to ~1e-7 (hf's gradient norm to ~3e-6). TargetCrossEntropy with one exp per logit
-and no zero-filled/extra (vocab, C) buffers made ours' step 1.20x faster on the small model and 1.08x at 124M.
+Measured on the 2-core dev VM (1 thread, load average 0.8-1.0, bundled sample, 2026-11-30): small model ours 1.77x
+nanogpt and 1.70x hf with the full loss, response-only 1.28x ours full loss (2.3x nanogpt), training memory 0.23x
+hf's; 124M shape (B 2 x T 128) ours 1.10x nanogpt, 1.16x hf, response-only 1.05x (batches 60-92% response; other
+runs 1.09-1.21x), training memory 0.82x hf's (at 256 tokens per step weights, grads and AdamW state are ~90% of it;
+the logits ours never holds weigh more at longer T). Losses and gradient norms agree to ~1e-7 (hf's gradient norm
+to ~3e-6). TargetCrossEntropy with one exp per logit and no zero-filled/extra (vocab, C) buffers made ours' step
+1.20x faster on the small model and 1.08x at 124M; TiedEmbedding (the embedding's gradient added into the output
+layer's, not a second (vocab, C) buffer) took 124M memory from 0.86x to 0.82x hf's and the small step from 1.33x to
+1.77x nanogpt's.
 
 Run (CPU, ~4 min on a 2-core VM with 1 thread; run it on an idle machine):
     python bench/train_step.py
