@@ -17,14 +17,16 @@ instructions (--data_dir, one per category), 64 new tokens each with TrainConfig
 seeded generator per prompt, (c) generate_batch, all prompts in one left-padded batch, against (d) generate() one
 prompt at a time. In fp32 on a CPU both give the same tokens; the speed-up is printed (no goal).
 
-Measured on the 2-core dev VM (1 thread, 2026-11-30): small KV cache 4.6x no cache (68.6 vs 14.9 tok/s; bound by
-reading 119 MB of fp32 weights per token); training samples, 8 prompts of 14-307 tokens: one batch 2.6x one at a
-time (171 vs 66 tok/s); the quick-start model (--model quickstart, 6 prompts that fit its 256 tokens): 3.4x.
+Measured on the 2-core dev VM (1 thread, 2026-11-30): small KV cache 6.9x no cache (108.4 vs 15.6 tok/s; bound by
+reading 119 MB of fp32 weights per token; 4.6x, 68.6 vs 14.9, before generation used a (C, vocab) copy of the output
+weight, which MKL reads ~2.7x faster one row at a time; --threads 2: 4.3x, 98.3 vs 22.6); 124M 11.1x (26.8 vs 2.4);
+training samples, 8 prompts of 14-307 tokens: one batch 2.1x one at a time (188 vs 90 tok/s); the quick-start model
+(--model quickstart, 6 prompts that fit its 256 tokens): 1.8x; 124M: 1.8x.
 
-Run (CPU; the small model takes ~2 minutes on a 2-core box, mostly in (b); the 124M shape needs far longer
+Run (CPU; the small model takes ~1.5 minutes on a 2-core box, mostly in (b); the 124M shape needs far longer
 there, so run it on a bigger machine or a GPU):
     python bench/generate.py
-    python bench/generate.py --threads 1 --rounds 5
+    python bench/generate.py --threads 2 --rounds 5
     python bench/generate.py --model quickstart
     python bench/generate.py --model both --device cuda
 """
@@ -150,7 +152,7 @@ def main():
     p = argparse.ArgumentParser(description="Benchmark generate() with and without the KV cache.")
     p.add_argument("--model", default="small", choices=[*SHAPES, "both"], help="model shape (random init, vocab 50304)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds; the median is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's choice; 1, as the other benches: on a shared 2-core box one thread was the faster)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"), help="prepared data, for the training samples' prompts")
     args = p.parse_args()

@@ -978,15 +978,17 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
     idx = torch.tensor([prompt_tokens], dtype=torch.long, device=device)
     cache = model.new_kv_cache() if use_cache else None
     out, step_input = [], idx
+    output_layer = generation_output_layer(model, autocast)
     for _ in range(max_new_tokens):
         if idx.size(1) > model.config.block_size:
             break
         with autocast:
             if use_cache:  # only the newest token goes through the model; earlier keys/values come from the cache
-                logits, _ = model(step_input, kv_cache=cache)
+                h = GPT.hidden_states(model, step_input, cache)
             else:  # nanoGPT's loop: the whole sequence every time, the output layer at the last position only
-                logits = model.lm_head(GPT.hidden_states(model, idx)[:, -1:])
-        next_id = sample_next(logits[0, -1], temperature, top_k, generator)
+                h = GPT.hidden_states(model, idx)
+            logits = output_layer(h[:, -1])  # (1, vocab)
+        next_id = sample_next(logits[0], temperature, top_k, generator)
         if next_id == EOT:
             break
         out.append(next_id)
@@ -996,6 +998,20 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
         step_input = idx[:, -1:]
     model.train(was_training)
     return out
+
+
+def generation_output_layer(model, autocast=nullcontext()):
+    """The output layer for generation: (B, C) last hidden states -> (B, vocab) logits. On a CPU it multiplies by a
+    (C, vocab) copy of the weight, made once per call of generate: with a few rows, MKL reads that layout 1.8-2.7x
+    faster than nn.Linear's (vocab, C) (measured at C 768 and 384), and the output layer is most of the bytes a
+    small model reads per token, a third of GPT-2 124M's. On a GPU, the output layer as it is."""
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return model.lm_head
+    with autocast:  # the copy in the dtype autocast computes in (bf16 on CPUs with AMX), so it is not cast per token
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    weight_t = weight.detach().t().to(dtype).contiguous()  # (C, vocab)
+    return lambda h: h @ weight_t
 
 
 def sample_next(logits, temperature, top_k, generator):
@@ -1038,12 +1054,13 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, gen
     mask = torch.ones(P, P, dtype=torch.bool, device=device).tril()[None] & (key_ok[:, None, :] | torch.eye(P, dtype=torch.bool, device=device))
     pos = (torch.arange(P, device=device)[None] - pad[:, None]).clamp(min=0)
     cache, out = model.new_kv_cache(), [[] for _ in prompts]
+    output_layer = generation_output_layer(model, autocast)
     active = [True] * B
     for t in range(max_new_tokens):
         if not any(active):
             break
         with autocast:
-            logits = model.lm_head(GPT.hidden_states(model, idx, cache, pos, mask[:, None])[:, -1])  # (B, vocab)
+            logits = output_layer(GPT.hidden_states(model, idx, cache, pos, mask[:, None])[:, -1])  # (B, vocab)
         for b in range(B):
             if active[b]:
                 next_id = sample_next(logits[b], temperature, top_k, generators[b] if generators else None)

@@ -363,6 +363,25 @@ def test_greedy_with_and_without_cache_agree():
     assert len(cached) == 40 and cached == plain
     assert len(set(cached)) > 3  # not one token repeated: the comparison means something
     assert fd.generate(model, prompt, 40, temperature=1.0, top_k=1, use_cache=True) == cached  # top_k=1 is greedy
+    ids = torch.tensor([prompt])
+    for t in range(5):  # and it is the argmax of the model's own full forward pass
+        logits, _ = model(ids)
+        assert int(logits[0, -1].argmax()) == cached[t]
+        ids = torch.cat([ids, torch.tensor([[cached[t]]])], dim=1)
+
+
+def test_generation_output_layer_is_the_lm_head():
+    """Generation multiplies by a (C, vocab) copy of the output weight on a CPU (a faster layout there)."""
+    model = tiny_gpt(seed=4, std=0.3)
+    h = torch.randn(3, model.config.n_embd)
+    with torch.no_grad():
+        torch.testing.assert_close(fd.generation_output_layer(model)(h), model.lm_head(h), rtol=1e-5, atol=1e-5)
+        bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+        output_layer = fd.generation_output_layer(model, bf16)
+        with bf16:
+            logits, expected = output_layer(h), model.lm_head(h)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
 def test_generation_stops_at_block_size():
@@ -392,23 +411,24 @@ def test_generation_stops_at_eot():
         assert fd.generate(model, [1, 2, 3], 30, temperature=1.0, generator=torch.Generator().manual_seed(0), use_cache=use_cache) == []
 
 
-def test_generation_returns_tokens_before_eot_and_stops():
+def test_generation_returns_tokens_before_eot_and_stops(monkeypatch):
     script = [5, 6, 7, EOT, 9, 10]
 
-    class ScriptedHead(torch.nn.Module):  # the output layer says 5, 6, 7, EOT, ... whatever the input
+    class ScriptedHead:  # the output layer says 5, 6, 7, EOT, ... whatever the input
         calls = 0
 
-        def forward(self, x):
-            logits = torch.zeros(1, 1, PADDED_VOCAB)
-            logits[0, 0, script[self.calls]] = 100.0
+        def __call__(self, h):
+            logits = torch.zeros(1, PADDED_VOCAB)
+            logits[0, script[self.calls]] = 100.0
             self.calls += 1
             return logits
 
     for use_cache in (True, False):
         model = fd.GPT(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
-        model.lm_head = ScriptedHead()
+        head = ScriptedHead()
+        monkeypatch.setattr(fd, "generation_output_layer", lambda model, autocast=None: head)
         assert fd.generate(model, [1, 2], 30, temperature=0.8, generator=torch.Generator().manual_seed(0), use_cache=use_cache) == [5, 6, 7]
-        assert model.lm_head.calls == 4  # nothing after the EOT
+        assert head.calls == 4  # nothing after the EOT
 
 
 def test_never_samples_padding_ids():
@@ -441,13 +461,13 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     assert not model.training
 
 
-def test_batched_generation_stops_each_row_at_its_eot():
+def test_batched_generation_stops_each_row_at_its_eot(monkeypatch):
     scripts = [[5, EOT, 1, 1], [5, 6, 7, EOT], [8, 9, 10, 11]]
 
-    class ScriptedHead(torch.nn.Module):  # row b says scripts[b] one token per call, whatever the input
+    class ScriptedHead:  # row b says scripts[b] one token per call, whatever the input
         calls = 0
 
-        def forward(self, x):
+        def __call__(self, x):
             logits = torch.zeros(x.size(0), PADDED_VOCAB)
             for b in range(x.size(0)):
                 logits[b, scripts[b][self.calls]] = 100.0
@@ -455,12 +475,13 @@ def test_batched_generation_stops_each_row_at_its_eot():
             return logits
 
     model = fd.GPT(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
-    model.lm_head = ScriptedHead()
+    head = ScriptedHead()
+    monkeypatch.setattr(fd, "generation_output_layer", lambda model, autocast=None: head)
     assert fd.generate_batch(model, [[1, 2], [3], [4, 5, 6]], 4, temperature=0) == [[5], [5, 6, 7], [8, 9, 10, 11]]
-    model.lm_head.calls = 0
+    head.calls = 0
     scripts[2] = [12, 13, EOT, 1]
     assert fd.generate_batch(model, [[1, 2], [3], [4, 5, 6]], 30, temperature=0) == [[5], [5, 6, 7], [12, 13]]
-    assert model.lm_head.calls == 4  # nothing after the last row's EOT
+    assert head.calls == 4  # nothing after the last row's EOT
 
 
 def test_top_k_keeps_ties_with_the_kth_logit():
