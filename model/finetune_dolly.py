@@ -369,8 +369,10 @@ class GPT(nn.Module):
         if targets is None:
             x = self.hidden_states(idx) if kv_cache is None else GPT.hidden_states(self, idx, kv_cache)  # (B, T, C)
             return self.lm_head(x if kv_cache is None else x[:, -1:]), None
-        tied = {}  # the output layer's weight gradient, on its way to the embedding's backward (TiedEmbedding)
-        x = self.hidden_states(idx, tok_emb=TiedEmbedding.apply(idx, self.lm_head.weight, tied))
+        # tied weights (as GPT-2, see __init__): the output layer's weight gradient goes to the embedding's backward
+        tied = {} if self.transformer.wte.weight is self.lm_head.weight else None
+        tok_emb = TiedEmbedding.apply(idx, self.lm_head.weight, tied) if tied is not None else None
+        x = self.hidden_states(idx, tok_emb=tok_emb)
         keep = targets != IGNORE_INDEX  # (B, T)
         return None, target_cross_entropy(x[keep], self.lm_head.weight, targets[keep], reduction, tied)
 

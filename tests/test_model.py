@@ -312,6 +312,21 @@ def test_model_loss_and_grads_match_full_logits():
 
 
 
+def test_untied_output_layer_gets_its_own_gradient():
+    """A user's variant that unties the output layer from the embedding still gets the plain gradients."""
+    model = tiny_gpt(seed=6, vocab_size=512, std=0.1).train()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    idx, targets = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    _, loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(idx)
+    F.cross_entropy(logits.view(-1, 512), targets.view(-1)).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_tied_weight_gradient_uses_one_vocab_sized_buffer():
     """The token embedding and the output layer share one (vocab, C) weight. Its two gradients are summed in one
     buffer (TiedEmbedding adds its rows into the output layer's), not in two that autograd then adds."""
