@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from prepare_dolly import EOT, VOCAB_SIZE, format_prompt, get_tokenizer
 
@@ -246,7 +247,8 @@ class Block(nn.Module):
 class TargetCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (h @ weight.T) against targets, computed in row chunks so the (N, vocab)
     logits never exist at once. Gradients are formed in the forward pass, chunk by chunk
-    (d loss / d logits = softmax - onehot), so backward costs nothing and nothing large is saved."""
+    (d loss / d logits = softmax - onehot), so backward costs nothing and nothing large is saved.
+    With `tied` (a dict shared with this forward pass's TiedEmbedding), the weight's gradient goes there instead."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows, tied=None):
@@ -277,12 +279,16 @@ class TargetCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         # in place: grad_w is as large as the embedding and used once (a second backward through a retained graph raises)
         grad_w = grad_w.mul_(grad_loss)
-        if ctx.tied is not None:  # handed to the tied embedding's backward, which adds its part and returns the sum
-            ctx.tied["grad_w"], grad_w = grad_w, None
+        tied, ctx.tied = ctx.tied, None
+        if tied is not None and ctx.needs_input_grad[1]:
+            # handed to the tied embedding's backward, which runs later (it needs grad_h first), adds its part and
+            # returns the sum as the weight's one gradient
+            tied["grad_w"], grad_w = grad_w, None
         return grad_h * grad_loss, grad_w, None, None, None
 
 
@@ -299,13 +305,19 @@ class TiedEmbedding(torch.autograd.Function):
         return F.embedding(idx, weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         idx, = ctx.saved_tensors
         grad_w = ctx.tied.pop("grad_w", None)
         if grad_w is None:  # the output layer's gradient did not come this way
             grad_w = grad_out.new_zeros(ctx.weight_shape)
-        # index_put_ with accumulate: a sort-based, deterministic scatter-add on CUDA too
-        grad_w.index_put_((idx.reshape(-1),), grad_out.reshape(-1, grad_out.size(-1)).to(grad_w.dtype), accumulate=True)
+        idx, rows = idx.reshape(-1), grad_out.reshape(-1, grad_out.size(-1)).to(grad_w.dtype)
+        # a deterministic scatter-add, as nn.Embedding's backward: on CUDA index_put_ sorts (index_add_ uses atomics),
+        # on a CPU index_add_ (index_put_ uses atomics with several threads)
+        if grad_w.is_cuda:
+            grad_w.index_put_((idx,), rows, accumulate=True)
+        else:
+            grad_w.index_add_(0, idx, rows)
         return None, grad_w, None
 
 
@@ -369,12 +381,14 @@ class GPT(nn.Module):
         if targets is None:
             x = self.hidden_states(idx) if kv_cache is None else GPT.hidden_states(self, idx, kv_cache)  # (B, T, C)
             return self.lm_head(x if kv_cache is None else x[:, -1:]), None
+        assert kv_cache is None, "kv_cache is for generation, without targets"
         # tied weights (as GPT-2, see __init__): the output layer's weight gradient goes to the embedding's backward
-        tied = {} if self.transformer.wte.weight is self.lm_head.weight else None
-        tok_emb = TiedEmbedding.apply(idx, self.lm_head.weight, tied) if tied is not None else None
+        weight = self.lm_head.weight
+        tied = {} if weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled() else None
+        tok_emb = TiedEmbedding.apply(idx, weight, tied) if tied is not None else None
         x = self.hidden_states(idx, tok_emb=tok_emb)
         keep = targets != IGNORE_INDEX  # (B, T)
-        return None, target_cross_entropy(x[keep], self.lm_head.weight, targets[keep], reduction, tied)
+        return None, target_cross_entropy(x[keep], weight, targets[keep], reduction, tied)
 
     def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None, tok_emb=None):
         """The transformer without the output layer: (B, T) ids -> (B, T, C) after the final LayerNorm.
@@ -1006,7 +1020,8 @@ def generation_output_layer(model, autocast=nullcontext()):
     """The output layer for generation: (B, C) last hidden states -> (B, vocab) logits. On a CPU it multiplies by a
     (C, vocab) copy of the weight, made once per call of generate: with a few rows, MKL reads that layout 1.8-2.7x
     faster than nn.Linear's (vocab, C) (measured at C 768 and 384), and the output layer is most of the bytes a
-    small model reads per token, a third of GPT-2 124M's. On a GPU, the output layer as it is."""
+    small model reads per token, a third of GPT-2 124M's. On a GPU, the output layer as it is. (So on a CPU a
+    variant of lm_head with its own forward, e.g. a bias, needs its own branch here.)"""
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         return model.lm_head

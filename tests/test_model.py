@@ -327,6 +327,42 @@ def test_untied_output_layer_gets_its_own_gradient():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_gradients_are_bitwise_reproducible_with_several_threads():
+    """A resumed run repeats an uninterrupted one bit for bit, so a step's gradients may not depend on how threads
+    interleave their adds (index_put_ with accumulate does, on a CPU with several threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_gpt(seed=2, vocab_size=1024, n_layer=1, n_embd=128, block_size=128).train()
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, 20, (8, 128), generator=g)  # few distinct tokens: many adds into the same rows
+        targets = torch.randint(0, 1024, (8, 128), generator=g)
+        runs = []
+        for _ in range(6):
+            model.zero_grad(set_to_none=True)
+            _, loss = model(idx, targets)
+            loss.backward()
+            runs.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for n in run:
+            assert torch.equal(run[n], runs[0][n]), n
+
+
+def test_frozen_tied_weight_leaves_nothing_behind():
+    """With the shared weight frozen, no vocab-sized gradient is made or kept for it."""
+    model = tiny_gpt(seed=6, vocab_size=512, std=0.1).train()
+    model.lm_head.weight.requires_grad_(False)
+    idx, targets = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    _, loss = model(idx, targets)
+    loss.backward()
+    assert model.lm_head.weight.grad is None
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(AssertionError, match="kv_cache"):
+        model(idx, targets, kv_cache=model.new_kv_cache())
+
+
 def test_tied_weight_gradient_uses_one_vocab_sized_buffer():
     """The token embedding and the output layer share one (vocab, C) weight. Its two gradients are summed in one
     buffer (TiedEmbedding adds its rows into the output layer's), not in two that autograd then adds."""
