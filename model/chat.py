@@ -94,10 +94,11 @@ def load_model(checkpoint):
 
 
 def respond(model, enc, instruction, context="", max_new_tokens=256, temperature=0.8, top_k=50, generator=None,
-            autocast=nullcontext(), on_text=None):
+            autocast=nullcontext(), on_text=None, output_layer=None):
     """Samples the model's response to instruction (+ context), rendered as in training. on_text(str), if given,
     receives the text piece by piece as it is generated. Returns (response text, why it stopped: 'eot',
-    'max_new_tokens' or 'block_size'). Raises fd.UserError if the prompt leaves no room in the block."""
+    'max_new_tokens' or 'block_size'). Raises fd.UserError if the prompt leaves no room in the block.
+    output_layer: fd.generation_output_layer(model, autocast), made once for many answers (chat_loop)."""
     prompt = enc.encode_ordinary(format_prompt(instruction, context))
     block_size = model.config.block_size
     if len(prompt) >= block_size:
@@ -117,7 +118,8 @@ def respond(model, enc, instruction, context="", max_new_tokens=256, temperature
                 started = bool(piece)
             if piece:
                 on_text(piece)
-    tokens = fd.generate(model, prompt, max_new_tokens, temperature, top_k, generator, autocast=autocast, on_token=on_token)
+    tokens = fd.generate(model, prompt, max_new_tokens, temperature, top_k, generator, autocast=autocast, on_token=on_token,
+                         output_layer=output_layer)
     if len(tokens) >= max_new_tokens:
         stop = "max_new_tokens"
     elif len(prompt) + len(tokens) > block_size:  # generate() stops once the sequence outgrows the block
@@ -148,6 +150,7 @@ def chat_loop(model, enc, args, generator, autocast):
         pass
     print(HELP_LINE)
     context = ""
+    output_layer = fd.generation_output_layer(model, autocast)  # its weight copy made once, not per answer
     while True:
         try:
             line = input("\n> ").strip()
@@ -164,7 +167,7 @@ def chat_loop(model, enc, args, generator, autocast):
             continue
         try:
             text, stop = respond(model, enc, line, context, args.max_new_tokens, args.temperature, args.top_k, generator,
-                              autocast, on_text=lambda piece: print(piece, end="", flush=True))
+                              autocast, on_text=lambda piece: print(piece, end="", flush=True), output_layer=output_layer)
             print()
             note = stop_note(stop, args.max_new_tokens, model.config.block_size, text)
             if note:
