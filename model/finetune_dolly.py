@@ -373,15 +373,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
-        """idx (B, T) token ids. Without targets: returns (logits, None), logits (B, T, vocab), or only the last
-        position's (B, 1, vocab) when a kv_cache (list of [k, v] per layer) is given. With targets (B, T), where
-        IGNORE_INDEX marks positions without loss: returns (None, loss); logits are computed only at target positions."""
-        # generation (kv_cache) always runs eagerly: the cache is a list that changes at every token
+    def forward(self, idx, targets=None, reduction="mean"):
+        """idx (B, T) token ids. Without targets: returns (logits, None), logits (B, T, vocab). With targets (B, T),
+        where IGNORE_INDEX marks positions without loss: returns (None, loss); logits are computed only at target
+        positions. (Generation, with its KV cache, calls hidden_states itself: see generate.)"""
         if targets is None:
-            x = self.hidden_states(idx) if kv_cache is None else GPT.hidden_states(self, idx, kv_cache)  # (B, T, C)
-            return self.lm_head(x if kv_cache is None else x[:, -1:]), None
-        assert kv_cache is None, "kv_cache is for generation, without targets"
+            return self.lm_head(self.hidden_states(idx)), None
         # tied weights (as GPT-2, see __init__): the output layer's weight gradient goes to the embedding's backward
         weight = self.lm_head.weight
         tied = {} if weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled() else None
@@ -394,7 +391,8 @@ class GPT(nn.Module):
         """The transformer without the output layer: (B, T) ids -> (B, T, C) after the final LayerNorm.
         This fixed-shape part is what --compile compiles (see train). generate_batch gives each row its own
         positions pos (B, T) and an attention mask; training passes the token embeddings tok_emb (B, T, C),
-        looked up outside the compiled part (TiedEmbedding)."""
+        looked up outside the compiled part (TiedEmbedding). Generation calls GPT.hidden_states(model, ...), the
+        uncompiled one, with kv_cache (a list of [k, v] per layer, from new_kv_cache) that changes at every token."""
         B, T = idx.size()
         if pos is None:
             start = 0 if kv_cache is None or kv_cache[0][0] is None else kv_cache[0][0].size(2)
@@ -995,7 +993,8 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
     idx = torch.tensor([prompt_tokens], dtype=torch.long, device=device)
     cache = model.new_kv_cache() if use_cache else None
     out, step_input = [], idx
-    output_layer = output_layer or generation_output_layer(model, autocast)
+    if output_layer is None:
+        output_layer = generation_output_layer(model, autocast)
     for _ in range(max_new_tokens):
         if idx.size(1) > model.config.block_size:
             break

@@ -311,7 +311,6 @@ def test_model_loss_and_grads_match_full_logits():
     torch.testing.assert_close(losses, full[targets.view(-1) != fd.IGNORE_INDEX], rtol=1e-5, atol=1e-6)
 
 
-
 def test_untied_output_layer_gets_its_own_gradient():
     """A user's variant that unties the output layer from the embedding still gets the plain gradients."""
     model = tiny_gpt(seed=6, vocab_size=512, std=0.1).train()
@@ -359,8 +358,14 @@ def test_frozen_tied_weight_leaves_nothing_behind():
     loss.backward()
     assert model.lm_head.weight.grad is None
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
-    with pytest.raises(AssertionError, match="kv_cache"):
-        model(idx, targets, kv_cache=model.new_kv_cache())
+
+
+def test_forward_takes_no_kv_cache():
+    """The loss path has no cache (generation calls hidden_states with its own): a cache passed in is refused."""
+    model = tiny_gpt(seed=6, vocab_size=512)
+    idx = torch.randint(0, 512, (2, 32))
+    with pytest.raises(TypeError, match="kv_cache"):
+        model(idx, idx, kv_cache=model.new_kv_cache())
 
 
 def test_tied_weight_gradient_uses_one_vocab_sized_buffer():
@@ -389,6 +394,7 @@ def test_tied_weight_gradient_uses_one_vocab_sized_buffer():
     seen.buffers.discard(weight.untyped_storage().data_ptr())
     assert seen.buffers == {weight.grad.untyped_storage().data_ptr()}
 
+
 # -----------------------------------------------------------------------------
 # 6. generation
 
@@ -398,10 +404,10 @@ def test_kv_cache_logits_match_full_forward():
     with torch.no_grad():
         full, _ = model(idx)
         cache = model.new_kv_cache()
-        step, _ = model(idx[:, :10], kv_cache=cache)  # prefill, then one token at a time
+        step = model.lm_head(fd.GPT.hidden_states(model, idx[:, :10], cache))  # prefill, then one token at a time
         steps = [step[:, -1]]
         for t in range(10, 40):
-            step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+            step = model.lm_head(fd.GPT.hidden_states(model, idx[:, t:t + 1], cache))
             steps.append(step[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 9:], rtol=1e-4, atol=1e-4)
 
