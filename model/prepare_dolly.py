@@ -276,14 +276,15 @@ def encode_texts(enc, texts, desc, progress):
 
     def encode_group(group):
         ids = enc.encode_to_numpy(EOT_TEXT.join(texts[i] for i in group) + EOT_TEXT, allowed_special={EOT_TEXT}, disallowed_special=())
-        return np.split(ids, np.flatnonzero(ids == EOT) + 1)[:-1]  # one piece per text, each ending in its EOT
+        ends = np.flatnonzero(ids == EOT).tolist()  # where each text's ids stop; slices are ~4x faster than np.split
+        return [ids[start + 1:end] for start, end in zip([-1] + ends[:-1], ends)]
 
     with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False) as bar, \
             ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
         for group, pieces in zip(groups, pool.map(encode_group, groups) if pool else map(encode_group, groups)):
             assert len(pieces) == len(group)
             for i, piece in zip(group, pieces):
-                out[i] = piece[:-1]
+                out[i] = piece
             bar.update(len(group))
     return out
 
