@@ -1,0 +1,219 @@
+"""
+The GPU figures of the Performance section: GPT-2 124M at T=1024 with bf16 autocast + torch.compile, the way
+model/finetune_dolly.py trains on CUDA, on real Dolly batches, against build-nanogpt's math in the same run.
+
+    ours      the project's step: fd.accumulate_gradients (pinned, non-blocking copies; GPT.forward with targets ->
+              TargetCrossEntropy, logits only at target positions), clip 1.0, fused AdamW, zero_grad; the transformer
+              body compiled as the script compiles it (model.hidden_states), bf16 autocast.
+              Twice: --loss_on all (every next token a target) and response (prompt targets are -100).
+    nanogpt   build-nanogpt's train_gpt2.py step on the same modules: the whole model compiled, full (B, T, vocab)
+              logits, F.cross_entropy, the same optimizer, clip and autocast; full loss.
+
+Each implementation first does --warmup steps (torch.compile compiles here; not timed). Then --rounds rounds: in each,
+every (implementation, loss_on) does --steps steps, in rotating order, timed with torch.cuda.synchronize around them;
+the median round is reported. A bf16 8192^3 matmul is timed in the same run (the "measured" peak).
+MFU = (6 N + 12 L T C) x tokens/s / peak (N = parameters without wpe; nanoGPT's estimate, the nominal full-loss FLOPs
+for every row, so the response-only step that skips work shows a higher nominal MFU). The goal is read against the
+data-sheet peak (dense bf16; H100/H200 SXM: 989 TFLOP/s) where the GPU is known, else against the measured peak.
+Memory: the peak allocated during a step above what was allocated before it (activations, logits, gradients).
+
+Goals (PASS/MISS): ours full loss MFU >= 45%; ours >= 1.0x nanogpt tokens/s; response-only faster than the full loss.
+Same math: the first step's loss of ours (all) and nanogpt on the same fresh weights and batch agree to bf16 tolerance.
+
+Run on a CUDA machine, after `python model/prepare_dolly.py` (~3 min on an H100/H200, most of it compiling):
+    python bench/gpu.py
+    python bench/gpu.py --json gpu.json        # the figures as JSON too
+    python bench/gpu.py --smoke                # any machine, ~10 s: a tiny fp32 model on the CPU, to check the script
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "model"))
+
+import finetune_dolly as fd  # noqa: E402
+
+DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
+GOAL_MFU = 0.45
+
+
+class FullLogitsLoss(nn.Module):
+    """build-nanogpt's forward: full logits, then one cross_entropy (summed; divided by the targets outside)."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x, y):
+        logits, _ = self.gpt(x)  # (B, T, vocab)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=fd.IGNORE_INDEX, reduction="sum")
+
+
+def make_model(args, device, seed=0):
+    torch.manual_seed(seed)
+    config = fd.GPTConfig(block_size=args.seq_len, vocab_size=50304, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model = fd.GPT(config).to(device).train()
+    return model, model.configure_optimizer(fd.TrainConfig(), device.type)
+
+
+def step(impl, model, loss_fn, optimizer, batch, device, autocast):
+    x, y, num_targets = batch
+    if impl == "ours":
+        loss_sum = fd.accumulate_gradients(model, [(x, y)], num_targets, 1, device, autocast)
+    else:
+        if device.type == "cuda":  # as accumulate_gradients
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        with autocast:
+            loss_sum = loss_fn(x, y)
+        (loss_sum / max(1, num_targets)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * 10 / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description="GPU step benchmark: 124M, T=1024, bf16 + compile, ours vs build-nanogpt math.")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (the guide's --batch_size)")
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per implementation (compiling happens here)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"))
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    p.add_argument("--smoke", action="store_true", help="a tiny fp32 model on the CPU, uncompiled: checks the script anywhere")
+    args = p.parse_args()
+    args.n_layer, args.n_head, args.n_embd = (12, 12, 768)
+    if args.smoke:
+        args.n_layer, args.n_head, args.n_embd, args.batch, args.seq_len = 2, 2, 64, 2, 64
+        args.warmup, args.steps, args.rounds = 1, 1, 2
+        device, compiled = torch.device("cpu"), False
+    elif not torch.cuda.is_available():
+        sys.exit("bench/gpu.py: no CUDA device; run it on a GPU machine (or --smoke to check the script on this one)")
+    else:
+        device, compiled = torch.device("cuda"), True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype, autocast = fd.pick_autocast(device.type, "float32" if args.smoke else "auto")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
+    print(f"torch {torch.__version__} | {name} | dtype {dtype} | compile {compiled} | "
+          f"{args.n_layer} layers x {args.n_embd} | B {args.batch} x T {args.seq_len}")
+
+    manifest = fd.load_manifest(args.data_dir)
+    n_batches = args.warmup + args.rounds * args.steps
+    batches = {}
+    for lo in ("all", "response"):
+        loader = fd.DataLoader(fd.TokenStream(args.data_dir, "train", manifest), args.batch, args.seq_len, 1, 0, 1, lo)
+        batches[lo] = []
+        for _ in range(n_batches):
+            (xy,), num_targets = loader.next_step()
+            batches[lo].append((*xy, num_targets))
+
+    ours, ours_opt = make_model(args, device)
+    ref, ref_opt = make_model(args, device)  # the same initial weights
+    ref_loss = FullLogitsLoss(ref)
+    if compiled:
+        ours.hidden_states = torch.compile(ours.hidden_states)  # as finetune_dolly.py does on CUDA
+        ref_loss = torch.compile(ref_loss)  # as build-nanogpt does: the whole model
+    impls = {("ours", "all"): (ours, None, ours_opt), ("ours", "response"): (ours, None, ours_opt),
+             ("nanogpt", "all"): (ref, ref_loss, ref_opt)}
+
+    # same math: the first step, on identical fresh weights and the same batch
+    first = {}
+    t0 = time.time()
+    for (impl, lo), (model, loss_fn, opt) in impls.items():
+        for i in range(args.warmup):
+            b = batches[lo][i]
+            loss = step(impl, model, loss_fn, opt, b, device, autocast)
+            if i == 0:
+                first[impl, lo] = loss.item() / max(1, b[2])
+    sync(device)
+    print(f"warm-up ({args.warmup} steps each, compiling included): {time.time() - t0:.0f} s")
+    same = abs(first["ours", "all"] - first["nanogpt", "all"]) / abs(first["nanogpt", "all"]) <= (2e-2 if dtype == "bfloat16" else 1e-4)
+
+    seconds = {key: [] for key in impls}
+    memory = {key: 0 for key in impls}
+    keys = list(impls)
+    for r in range(args.rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            model, loss_fn, opt = impls[key]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            sync(device)
+            t = time.perf_counter()
+            for i in range(args.steps):
+                step(key[0], model, loss_fn, opt, batches[key[1]][args.warmup + r * args.steps + i], device, autocast)
+            sync(device)
+            seconds[key].append((time.perf_counter() - t) / args.steps)
+            if device.type == "cuda":
+                memory[key] = max(memory[key], torch.cuda.max_memory_allocated() - before)
+
+    mm_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    measured_peak = statistics.median(matmul_peak(device, mm_dtype, 256 if args.smoke else 8192) for _ in range(3))
+    sheet = next((v * 1e12 for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None) if dtype == "bfloat16" else None
+    n = sum(p.numel() for p in ours.parameters()) - ours.transformer.wpe.weight.numel()
+    fpt = 6 * n + 12 * args.n_layer * args.seq_len * args.n_embd
+    tokens = args.batch * args.seq_len
+    print(f"matmul peak measured {measured_peak / 1e12:.1f} TFLOP/s ({mm_dtype}); data sheet "
+          f"{'%.1f TFLOP/s' % (sheet / 1e12) if sheet else 'unknown for this GPU'}; model {fpt / 1e9:.3f} GFLOP/token")
+    out = {"gpu": name, "torch": torch.__version__, "dtype": dtype, "compile": compiled, "batch": args.batch,
+           "seq_len": args.seq_len, "measured_peak_tflops": measured_peak / 1e12, "datasheet_tflops": sheet and sheet / 1e12,
+           "first_loss": {f"{i}/{lo}": v for (i, lo), v in first.items()}, "rows": {}}
+    print(f"{'impl':8s} {'loss_on':9s} {'ms/step':>8s} {'tokens/s':>10s} {'MFU sheet':>9s} {'MFU meas.':>9s} {'step mem':>9s} "
+          f"{'targets':>8s}")
+    median = {key: statistics.median(s) for key, s in seconds.items()}
+    for key in keys:
+        m = median[key]
+        share = statistics.mean(b[2] for b in batches[key[1]]) / tokens
+        mfu_sheet = fpt * tokens / m / sheet if sheet else None
+        mfu_meas = fpt * tokens / m / measured_peak
+        print(f"{key[0]:8s} {key[1]:9s} {m * 1e3:8.1f} {tokens / m:10,.0f} {'%8.1f%%' % (100 * mfu_sheet) if sheet else '       -':>9s} "
+              f"{100 * mfu_meas:8.1f}% {memory[key] / 2 ** 20:6.0f} MiB {share:8.0%}")
+        out["rows"][f"{key[0]}/{key[1]}"] = {"ms_per_step": m * 1e3, "tokens_per_s": tokens / m, "mfu_datasheet": mfu_sheet,
+                                             "mfu_measured": mfu_meas, "step_mem_mib": memory[key] / 2 ** 20, "target_share": share}
+
+    mfu = fpt * tokens / median["ours", "all"] / (sheet or measured_peak)
+    checks = [(mfu >= GOAL_MFU, f"ours full loss MFU {mfu:.1%} against the {'data-sheet' if sheet else 'measured'} peak (goal >= {GOAL_MFU:.0%})"),
+              (median["nanogpt", "all"] / median["ours", "all"] >= 1.0,
+               f"ours vs build-nanogpt math, full loss: {median['nanogpt', 'all'] / median['ours', 'all']:.2f}x (goal >= 1.0x)"),
+              (median["ours", "all"] / median["ours", "response"] > 1.0,
+               f"response-only vs full loss: {median['ours', 'all'] / median['ours', 'response']:.2f}x (goal > 1.0x)"),
+              (same, f"first-step loss ours {first['ours', 'all']:.5f} vs build-nanogpt math {first['nanogpt', 'all']:.5f}")]
+    for ok, text in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    out["checks"] = [{"pass": ok, "what": text} for ok, text in checks]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
