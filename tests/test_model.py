@@ -395,6 +395,38 @@ def test_tied_weight_gradient_uses_one_vocab_sized_buffer():
     assert seen.buffers == {weight.grad.untyped_storage().data_ptr()}
 
 
+def test_chunked_loss_writes_every_chunk_into_one_logits_buffer():
+    """Three chunks of logits, one (chunk, vocab) allocation, in training and in evaluation: a fresh ~64 MB tensor per
+    chunk is fresh memory from the OS on a CPU, and its page faults slowed the output layer ~1.4x."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class NewVocabWideTensors(TorchDispatchMode):
+        def __init__(self, vocab):
+            super().__init__()
+            self.vocab, self.count = vocab, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.size(1) == self.vocab and t.numel() > 0 \
+                        and t.untyped_storage().data_ptr() not in inputs:  # new memory, not written in place or out=
+                    self.count += 1
+            return out
+
+    V, C, N = 50304, 8, 800  # 2**24 // V = 333 rows per chunk: three chunks
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(N, C, generator=g, requires_grad=True), torch.randn(V, C, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (N,), generator=g)
+    with NewVocabWideTensors(V) as training:
+        fd.target_cross_entropy(h, w, t).backward()
+    with torch.no_grad(), NewVocabWideTensors(V) as evaluation:
+        losses = fd.target_cross_entropy(h, w, t, reduction="none")
+    assert (training.count, evaluation.count) == (1, 1)
+    torch.testing.assert_close(losses, F.cross_entropy(h.detach() @ w.detach().t(), t, reduction="none"), rtol=1e-5, atol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # 6. generation
 
