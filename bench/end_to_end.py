@@ -29,8 +29,10 @@ The run is README's CPU quick-start command (30 steps; val loss at 0/10/20/30 on
 (a) and (b) alternate (a, b, a, b, ...); (c), (d), (e) alternate over --save_rounds after one warm-up each; medians.
 
 Measured on the 2-core dev VM (1 thread, load average ~1, 2026-11-30): run loop 156.8 s, bare steps 138.6 s:
-overhead 13.2% (a later run, after TiedEmbedding: 153.9 s vs 133.0 s, 15.7%), of which evaluate 11.7% (4 x the 15.7k val tokens, 4.0 s each: a forward pass at the machine's
-matmul rate, the lm_head at ~55 GFLOP/s, as often as the command asks); all the rest 3.2%: write_samples 1.3% (3 x
+overhead 13.2% (a later run, after TiedEmbedding: 153.9 s vs 133.0 s, 15.7%). 2026-12-01, with the loss writing every
+chunk's logits into one buffer (no page faults per chunk): 146.8 s vs 128.8 s, 14.0%, of which evaluate 11.1% (4 x the
+15.7k val tokens, 3.6 s each, was 4.0 s: a forward pass, mostly the lm_head at the response positions, as often as the
+command asks); all the rest 3.4%: write_samples 1.3% (3 x
 6 prompts x 64 tokens, one batch), checkpoints 1.0%, loss.png 0.9%, logging ~0. A checkpoint save (83 MiB) 84 ms,
 1.07x a plain torch.save + rename and 1.00x the same with fsync. Before the batched samples and the in-place
 evaluation loss, the shorter --max_steps 10 --interval 5 run measured 45.5% (evaluate 28.7%,

@@ -20,7 +20,8 @@ Memory: the peak allocated during a step above what was allocated before it (act
 Goals (PASS/MISS): ours full loss MFU >= 45%; ours >= 1.0x nanogpt tokens/s; response-only faster than the full loss.
 Same math: the first step's loss of ours (all) and nanogpt on the same fresh weights and batch agree to bf16 tolerance.
 
-Run on a CUDA machine, after `python model/prepare_dolly.py` (~3 min on an H100/H200, most of it compiling):
+Run on a CUDA machine, after `python model/prepare_dolly.py` (estimated ~3 min on an H100/H200, most of it compiling;
+not yet run on one: no CUDA machine was available to this project so far):
     python bench/gpu.py
     python bench/gpu.py --json gpu.json        # the figures as JSON too
     python bench/gpu.py --smoke                # any machine, ~10 s: a tiny fp32 model on the CPU, to check the script

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One pass over what only a CUDA machine can check, in ~6 minutes on an H100/H200 (no internet needed):
+# One pass over what only a CUDA machine can check (no internet needed; estimated ~6 minutes on an H100/H200, not yet run):
 #   1. bench/gpu.py: 124M, T=1024, bf16 + compile, tokens/s and MFU, response-only vs full, vs build-nanogpt math;
 #   2. the guide's default job (124M, batch 16 x 1024, 524,288 tokens/step) from a random init under torchrun with
 #      NCCL: 2 steps, then --auto_resume with --max_steps 3 (bf16, compile, fused AdamW, pinned copies, checkpoints
