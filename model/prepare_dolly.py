@@ -52,6 +52,7 @@ HF_DATASET = "databricks/databricks-dolly-15k"
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_SAMPLE = os.path.join(HERE, "..", "dolly15k", "dolly_sample.jsonl")
 BUNDLED_RANKS = os.path.join(HERE, "gpt2.tiktoken")
+TIKTOKEN_HOST = "openaipublic.blob.core.windows.net"  # where tiktoken.get_encoding("gpt2") downloads its files
 # sha256 of tiktoken's r50k_base.tiktoken, whose ranks are those of the "gpt2" encoding
 BUNDLED_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = 50256  # <|endoftext|>
@@ -83,10 +84,13 @@ def format_prompt(instruction, context=""):
 def get_tokenizer(verbose=True):
     """tiktoken's GPT-2 encoding; when it cannot be downloaded, the same ranks from model/gpt2.tiktoken."""
     import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no internet (compute nodes, CI): tiktoken raises a requests error
-        reason = f"{type(e).__name__}"
+    reason = f"{TIKTOKEN_HOST} is unreachable"
+    # probed first: tiktoken downloads without a timeout, so a network that drops packets would hang every run
+    if host_reachable(TIKTOKEN_HOST):
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken raises a requests error
+            reason = f"{type(e).__name__}"
     try:
         with open(BUNDLED_RANKS, "rb") as f:
             data = f.read()
@@ -183,13 +187,17 @@ def read_local(path):
         raise DataError(f"{path}: cannot read ({e.strerror})")
 
 
-def hub_reachable(timeout=5.0):
-    """A quick check, so that offline machines skip `datasets`' minute of retries."""
+def host_reachable(host, timeout=5.0):
+    """A quick check, so that offline machines skip `datasets`' minute of retries and tiktoken's timeout-less download."""
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def hub_reachable(timeout=5.0):
+    return host_reachable("huggingface.co", timeout)
 
 
 def load_records(input_path):

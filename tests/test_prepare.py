@@ -159,15 +159,29 @@ def test_corrupt_rank_file_raises_data_error(tmp_path, monkeypatch):
     corrupt = tmp_path / "gpt2.tiktoken"
     corrupt.write_bytes(b"".join(lines))
     monkeypatch.setattr(prepare_dolly, "BUNDLED_RANKS", str(corrupt))
+    monkeypatch.setattr(prepare_dolly, "host_reachable", lambda host, timeout=5.0: True)  # reachable, but the download fails
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(DataError, match="sha256.*git checkout model/gpt2.tiktoken"):
         prepare_dolly.get_tokenizer(verbose=False)
+
+
+def test_tokenizer_skips_the_download_when_its_host_is_unreachable(monkeypatch, capsys):
+    """tiktoken downloads without a timeout: on a network that drops packets get_encoding would hang every run, so it
+    is called only when a quick connect to its host succeeds; otherwise the bundled ranks, with one line saying so."""
+    import tiktoken
+    called = []
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: called.append(name))
+    monkeypatch.setattr(prepare_dolly, "host_reachable", lambda host, timeout=5.0: False)
+    enc = prepare_dolly.get_tokenizer()
+    assert called == [] and enc.encode_ordinary("Hello world") == [15496, 995]
+    assert f"({prepare_dolly.TIKTOKEN_HOST} is unreachable); using the bundled copy" in capsys.readouterr().out
 
 
 def test_missing_rank_file_names_the_file_not_the_output_dir(tmp_path, monkeypatch):
     """Regression: a missing model/gpt2.tiktoken was reported as '--output_dir ...: writing failed'."""
     import tiktoken
     monkeypatch.setattr(prepare_dolly, "BUNDLED_RANKS", str(tmp_path / "gpt2.tiktoken"))
+    monkeypatch.setattr(prepare_dolly, "host_reachable", lambda host, timeout=5.0: True)  # reachable, but the download fails
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(DataError, match=r"gpt2\.tiktoken: cannot read .*git checkout"):
         prepare_dolly.get_tokenizer(verbose=False)
