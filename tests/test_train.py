@@ -265,6 +265,26 @@ def test_per_category_val_losses_add_up_to_the_overall_loss(data_dir):
     assert weighted == pytest.approx(val_loss, rel=1e-6)
 
 
+@pytest.mark.parametrize("eval_rows", [fd.EVAL_ROWS, 50])
+def test_val_loss_equals_full_logits_cross_entropy(data_dir, monkeypatch, eval_rows):
+    """evaluate() gathers the target positions' hidden states over batches (here also in groups of ~50 rows) before the
+    output layer: the same token-weighted loss as full logits and F.cross_entropy, batch by batch."""
+    monkeypatch.setattr(fd, "EVAL_ROWS", eval_rows)
+    manifest = fd.load_manifest(data_dir)
+    stream = fd.TokenStream(data_dir, "val", manifest)
+    cfg = fd.TrainConfig(batch_size=4, sequence_length=32, val_tokens=0)
+    model = tiny_model()
+    val_loss, _ = fd.evaluate(model, stream, cfg, 0, 1, "cpu", fd.nullcontext(), len(manifest["categories"]))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y, _ in fd.val_batches(stream, 4, 32, 0, "response", 0, 1):
+            logits, _ = model(x)
+            total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=fd.IGNORE_INDEX, reduction="sum").item()
+            count += int((y != fd.IGNORE_INDEX).sum())
+    assert count > 2 * 50 and val_loss == pytest.approx(total / count, rel=1e-6)
+    assert model.training  # evaluate() puts the model back in training mode
+
+
 def test_compile_gives_the_same_losses_without_recompiling_every_step(data_dir, tmp_path):
     """--compile is the default on CUDA; it compiles the transformer body only, since the number of target
     positions changes every batch (a compiled whole model recompiled at every step)."""
