@@ -30,11 +30,12 @@ The run is README's CPU quick-start command (30 steps; val loss at 0/10/20/30 on
 
 Measured on the 2-core dev VM (1 thread, load average ~1, 2026-11-30): run loop 156.8 s, bare steps 138.6 s:
 overhead 13.2% (a later run, after TiedEmbedding: 153.9 s vs 133.0 s, 15.7%). 2026-12-01, with the loss writing every
-chunk's logits into one buffer (no page faults per chunk): 146.8 s vs 128.8 s, 14.0%, of which evaluate 11.1% (4 x the
-15.7k val tokens, 3.6 s each, was 4.0 s: a forward pass, mostly the lm_head at the response positions, as often as the
-command asks); all the rest 3.4%: write_samples 1.3% (3 x
-6 prompts x 64 tokens, one batch), checkpoints 1.0%, loss.png 0.9%, logging ~0. A checkpoint save (83 MiB) 84 ms,
-1.07x a plain torch.save + rename and 1.00x the same with fsync. Before the batched samples and the in-place
+chunk's logits into one buffer (no page faults per chunk): 146.8 s vs 128.8 s, 14.0%; with evaluate gathering the
+target positions over its batches for the lm_head: 146.5 s vs 131.2 s, 11.7%, of which evaluate 9.6% (4 x the 15.7k
+val tokens, 3.1 s each, was 4.0 s: a forward pass, mostly the lm_head at the response positions, as often as the
+command asks); all the rest 3.3%: write_samples 1.2% (3 x
+6 prompts x 64 tokens, one batch), checkpoints 1.1%, loss.png 1.0%, logging ~0. A checkpoint save (83 MiB) 84-95 ms,
+1.07-1.09x a plain torch.save + rename and 1.00-1.03x the same with fsync. Before the batched samples and the in-place
 evaluation loss, the shorter --max_steps 10 --interval 5 run measured 45.5% (evaluate 28.7%,
 samples 12.7%); now 33.9% (25.5%, 4.0%).
 
