@@ -38,7 +38,9 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -52,7 +54,7 @@ HF_DATASET = "databricks/databricks-dolly-15k"
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_SAMPLE = os.path.join(HERE, "..", "dolly15k", "dolly_sample.jsonl")
 BUNDLED_RANKS = os.path.join(HERE, "gpt2.tiktoken")
-TIKTOKEN_HOST = "openaipublic.blob.core.windows.net"  # where tiktoken.get_encoding("gpt2") downloads its files
+TIKTOKEN_TIMEOUT = 15.0  # seconds for tiktoken to load the GPT-2 encoding (it downloads ~1.5 MB unless cached)
 # sha256 of tiktoken's r50k_base.tiktoken, whose ranks are those of the "gpt2" encoding
 BUNDLED_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = 50256  # <|endoftext|>
@@ -81,16 +83,31 @@ def format_prompt(instruction, context=""):
     return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
+_tiktoken_loader = None  # the thread of the last tiktoken.get_encoding("gpt2") call (see get_tokenizer)
+
+
 def get_tokenizer(verbose=True):
-    """tiktoken's GPT-2 encoding; when it cannot be downloaded, the same ranks from model/gpt2.tiktoken."""
+    """tiktoken's GPT-2 encoding (from tiktoken's cache, or downloaded); when that fails or gives no answer within
+    TIKTOKEN_TIMEOUT seconds, the same ranks from model/gpt2.tiktoken."""
+    global _tiktoken_loader
     import tiktoken
-    reason = f"{TIKTOKEN_HOST} is unreachable"
-    # probed first: tiktoken downloads without a timeout, so a network that drops packets would hang every run
-    if host_reachable(TIKTOKEN_HOST):
+    result = {}
+
+    def load():
         try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken raises a requests error
-            reason = f"{type(e).__name__}"
+            result["encoding"] = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no internet (compute nodes, CI): tiktoken raises a requests error
+            result["error"] = e
+
+    # In a thread that is given up on after the timeout: tiktoken's download has none, so a network that drops
+    # packets would hang every run. While an abandoned call still hangs, it holds tiktoken's lock: not asked again.
+    if _tiktoken_loader is None or not _tiktoken_loader.is_alive():
+        _tiktoken_loader = threading.Thread(target=load, daemon=True)
+        _tiktoken_loader.start()
+        _tiktoken_loader.join(TIKTOKEN_TIMEOUT)
+    if "encoding" in result:
+        return result["encoding"]
+    reason = type(result["error"]).__name__ if "error" in result else f"no answer in {TIKTOKEN_TIMEOUT:g} s"
     try:
         with open(BUNDLED_RANKS, "rb") as f:
             data = f.read()
@@ -187,17 +204,16 @@ def read_local(path):
         raise DataError(f"{path}: cannot read ({e.strerror})")
 
 
-def host_reachable(host, timeout=5.0):
-    """A quick check, so that offline machines skip `datasets`' minute of retries and tiktoken's timeout-less download."""
+def hub_reachable(timeout=5.0):
+    """A quick check, so that offline machines skip `datasets`' minute of retries. Behind an HTTPS proxy (which a
+    direct connection would not pass) the Hub libraries are left to try it themselves."""
+    if urllib.request.getproxies().get("https"):
+        return True
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
     except OSError:
         return False
-
-
-def hub_reachable(timeout=5.0):
-    return host_reachable("huggingface.co", timeout)
 
 
 def load_records(input_path):

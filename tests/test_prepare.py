@@ -159,29 +159,67 @@ def test_corrupt_rank_file_raises_data_error(tmp_path, monkeypatch):
     corrupt = tmp_path / "gpt2.tiktoken"
     corrupt.write_bytes(b"".join(lines))
     monkeypatch.setattr(prepare_dolly, "BUNDLED_RANKS", str(corrupt))
-    monkeypatch.setattr(prepare_dolly, "host_reachable", lambda host, timeout=5.0: True)  # reachable, but the download fails
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(DataError, match="sha256.*git checkout model/gpt2.tiktoken"):
         prepare_dolly.get_tokenizer(verbose=False)
 
 
-def test_tokenizer_skips_the_download_when_its_host_is_unreachable(monkeypatch, capsys):
-    """tiktoken downloads without a timeout: on a network that drops packets get_encoding would hang every run, so it
-    is called only when a quick connect to its host succeeds; otherwise the bundled ranks, with one line saying so."""
+def test_tokenizer_gives_up_on_a_download_that_hangs(monkeypatch, capsys):
+    """tiktoken downloads without a timeout: on a network that drops packets get_encoding would hang every run. It is
+    given TIKTOKEN_TIMEOUT seconds, then the bundled ranks are used, with one line saying so; while the abandoned
+    call still hangs (holding tiktoken's lock), tiktoken is not asked again."""
+    import threading
+    import time
     import tiktoken
-    called = []
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: called.append(name))
-    monkeypatch.setattr(prepare_dolly, "host_reachable", lambda host, timeout=5.0: False)
-    enc = prepare_dolly.get_tokenizer()
-    assert called == [] and enc.encode_ordinary("Hello world") == [15496, 995]
-    assert f"({prepare_dolly.TIKTOKEN_HOST} is unreachable); using the bundled copy" in capsys.readouterr().out
+    release, calls = threading.Event(), []
+
+    def hanging_download(name):
+        calls.append(name)
+        release.wait(30)
+        raise ConnectionError("gave up")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", hanging_download)
+    monkeypatch.setattr(prepare_dolly, "TIKTOKEN_TIMEOUT", 0.2)
+    try:
+        t = time.time()
+        enc = prepare_dolly.get_tokenizer()
+        assert time.time() - t < 5 and enc.encode_ordinary("Hello world") == [15496, 995]
+        assert "(no answer in 0.2 s); using the bundled copy" in capsys.readouterr().out
+        t = time.time()
+        assert prepare_dolly.get_tokenizer(verbose=False).encode_ordinary("Hello") == [15496]
+        assert time.time() - t < 0.15 and calls == ["gpt2"]  # the first call still hangs: no second wait
+    finally:
+        release.set()
+        prepare_dolly._tiktoken_loader.join(5)
+
+
+def test_tokenizer_is_tiktokens_own_when_it_loads(monkeypatch):
+    """tiktoken stays the first choice: what get_encoding("gpt2") returns (from its cache or a download) is used."""
+    import tiktoken
+    sentinel = object()
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: sentinel if name == "gpt2" else None)
+    assert prepare_dolly.get_tokenizer(verbose=False) is sentinel
+
+
+def test_hub_check_leaves_a_proxied_connection_to_the_hub_libraries(monkeypatch):
+    """Behind an HTTPS proxy a direct connect fails although huggingface_hub (through the proxy) would work."""
+    import socket
+
+    def no_direct_route(*args, **kwargs):
+        raise OSError("blocked")
+
+    monkeypatch.setattr(socket, "create_connection", no_direct_route)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert prepare_dolly.hub_reachable() is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert prepare_dolly.hub_reachable() is True
 
 
 def test_missing_rank_file_names_the_file_not_the_output_dir(tmp_path, monkeypatch):
     """Regression: a missing model/gpt2.tiktoken was reported as '--output_dir ...: writing failed'."""
     import tiktoken
     monkeypatch.setattr(prepare_dolly, "BUNDLED_RANKS", str(tmp_path / "gpt2.tiktoken"))
-    monkeypatch.setattr(prepare_dolly, "host_reachable", lambda host, timeout=5.0: True)  # reachable, but the download fails
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(DataError, match=r"gpt2\.tiktoken: cannot read .*git checkout"):
         prepare_dolly.get_tokenizer(verbose=False)
