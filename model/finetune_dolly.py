@@ -984,22 +984,23 @@ EVAL_ROWS = 2 ** 14  # target positions whose hidden states evaluate() gathers b
 def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categories):
     """Token-weighted val loss over all ranks, overall and per category (index into the manifest's list).
     The hidden states at target positions are gathered over batches (up to EVAL_ROWS) and go through the output
-    layer together, most of an evaluation's work: in full chunks, one logits buffer (1.15x faster than per batch)."""
+    layer together, most of an evaluation's work: in full chunks, one logits buffer (1.15x faster than per batch).
+    model: the GPT itself (not a DDP wrapper); its hidden_states and lm_head are called directly."""
     model.eval()
     sums = torch.zeros(2 * (num_categories + 1), dtype=torch.float64)  # [loss sum, count] overall, then per category
     hidden, targets, cats = [], [], []
 
     def add_losses():
+        h, y, c = torch.cat(hidden), torch.cat(targets), torch.cat(cats)
+        hidden.clear()  # the pieces go before the logits buffer comes
+        targets.clear()
+        cats.clear()
         with autocast:
-            losses = target_cross_entropy(torch.cat(hidden), model.lm_head.weight, torch.cat(targets), "none")
-        losses, c = losses.double().cpu(), torch.cat(cats)
+            losses = target_cross_entropy(h, model.lm_head.weight, y, "none").double().cpu()
         sums[0] += losses.sum()
         sums[1] += losses.numel()
         sums[2::2] += torch.bincount(c, weights=losses, minlength=num_categories)
         sums[3::2] += torch.bincount(c, minlength=num_categories).double()
-        hidden.clear()
-        targets.clear()
-        cats.clear()
 
     for x, y, c in val_batches(stream, cfg.batch_size, cfg.sequence_length, cfg.val_tokens, cfg.loss_on, rank, world_size):
         keep = y != IGNORE_INDEX
