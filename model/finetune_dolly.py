@@ -984,7 +984,7 @@ EVAL_ROWS = 2 ** 14  # target positions whose hidden states evaluate() gathers b
 def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categories):
     """Token-weighted val loss over all ranks, overall and per category (index into the manifest's list).
     The hidden states at target positions are gathered over batches (up to EVAL_ROWS) and go through the output
-    layer together, most of an evaluation's work: in full chunks, one logits buffer (1.15x faster than per batch).
+    layer together, most of an evaluation's work: in full chunks, one logits buffer (1.15x faster than per batch on a CPU).
     model: the GPT itself (not a DDP wrapper); its hidden_states and lm_head are called directly."""
     model.eval()
     sums = torch.zeros(2 * (num_categories + 1), dtype=torch.float64)  # [loss sum, count] overall, then per category
