@@ -54,7 +54,8 @@ to ~3e-6). TargetCrossEntropy with one exp per logit and no zero-filled/extra (v
 layer's, not a second (vocab, C) buffer) took 124M memory from 0.86x to 0.82x hf's and the small step from 1.33x to
 1.37-1.77x nanogpt's (two runs; nanogpt's own time varied by 25% between them). 2026-12-01, with every chunk's
 logits written into one buffer (a fresh ~64 MB tensor per chunk cost ~22 ms of page faults): small model 1.74x
-nanogpt and 1.55x hf, response-only 1.26x (1.89x on dolly15k/mixed), training memory 0.20x hf's (was 0.23x).
+nanogpt and 1.55x hf, response-only 1.26x (1.89x on dolly15k/mixed), training memory 0.20x hf's (was 0.23x);
+124M shape 1.12x nanogpt, 1.19x hf, training memory 0.79x hf's, response-only 1.02x (batches 60-92% response).
 
 Run (CPU, ~4 min on a 2-core VM with 1 thread; run it on an idle machine):
     python bench/train_step.py
