@@ -15,17 +15,24 @@ One optimizer step = forward + backward of one (B, T) micro-batch, clip_grad_nor
 
 All three: the same initial weights, the same fused AdamW (GPT.configure_optimizer's groups: decay on matrices, lr 6e-5,
 betas 0.9/0.95, wd 0.01), clip 1.0, fp32, the same threads, the same batches, loss summed and divided by the batch's
-target count. Batches come from the project's DataLoader over dolly15k/ (one batch per round, the same for every
-implementation): --loss_on all (every next token is a target) and response (prompt targets are -100).
+target count. Batches come from the project's DataLoader (one per round, the same for every implementation):
+--loss_on all (every next token is a target) and response (prompt targets are -100). The data, by default: the
+bundled sample's first 111 records, the ones drawn from across the whole Dolly-15k file (all eight categories; the
+other 2,994 are all open_qa, see dolly15k/README.md), prepared by model/prepare_dolly.py into a temp dir: 53% of
+their tokens are response tokens (the whole bundled sample: 75%; --data_dir dolly15k measures on that).
 
-Timing: round 0 warms up (allocator, AdamW state) and is not counted; in each round every (loss_on, implementation)
-does one step on that round's batch, the implementations in rotating order; median over rounds. Each round also
-times a big fp32 matmul (2048^3, best of 2) with the same threads: the "peak" MFU is measured against (median over
-rounds). MFU = (6 N + 12 L T C) x tokens / step time / peak, N = parameters without wpe (nanoGPT's estimate; the
-same nominal full-loss FLOPs for every row, so a response-only step that skips work shows a higher "MFU").
+Timing: round 0 warms up (allocator, AdamW state) and is not counted; in each round ours, nanogpt and hf with the full
+loss and a second copy of ours with the response-only loss each do one step on that round's batch, in rotating order;
+median over rounds. Each round also times a big fp32 matmul (2048^3, best of 2) with the same threads: the "peak" MFU
+is measured against (median over rounds). MFU = (6 N + 12 L T C) x tokens / step time / peak, N = parameters without
+wpe (nanoGPT's estimate; the same nominal full-loss FLOPs for every row, so a response-only step that skips work shows
+a higher "MFU").
 
-Same math: every step's loss and gradient norm (before clipping) of nanogpt and hf are compared with ours; round 0
-is on identical fresh weights, later rounds after identical updates (the trajectories stay together to float noise).
+Same math: with the full loss, every step's loss and gradient norm (before clipping) of nanogpt and hf are compared
+with ours; round 0 is on identical fresh weights, later rounds after identical updates (the trajectories stay together
+to float noise). Response-only: ours' loss and gradient norm on the fresh weights of round 0 against nanogpt's and
+hf's full logits + cross_entropy on the same targets (computed before any update, not timed: their full-logits path
+costs the same whatever the targets).
 
 Peak memory: each implementation runs in its own child process (this script, hidden --_child flag), which imports the
 same modules, reads the same batches, then builds its model and optimizer and does 2 steps (ours once per --loss_on;
@@ -40,29 +47,25 @@ Goals (PASS/MISS printed for each; --strict exits 1 on a MISS):
     response-only loss:    ours response >= 1.15x ours loss_on all at the 124M shape, >= 1.8x on the small CPU
                            quick-start model (4 layers, 4 heads, 128 wide, T 256, B 8); same loss as the full-logits
                            reference to float tolerance
-The speed-up of response-only depends on the share of prompt tokens in the batch (printed): the bundled
-dolly_sample.jsonl is 75% response tokens, so at most ~25% of the lm_head work can be skipped (on the small model,
-where the lm_head is most of the step, that caps the gain near 1.3x).
+The speed-up of response-only depends on the share of prompt tokens in the batches (printed, with the share of the
+FLOPs that the skipped output-layer work is): on the small model the output layer is ~86% of the FLOPs, at the 124M
+shape ~31%. At Dolly's ~40-55% response tokens that puts the small model's 1.8x goal at or just past what skipping
+the work can give (1.71x at 52% response if time followed FLOPs), and the 124M goal of 1.15x a little below it (~1.2x).
 
-Measured on the 2-core dev VM (1 thread, load average 0.8-1.0, bundled sample, 2026-11-30): small model ours 1.77x
-nanogpt and 1.70x hf with the full loss, response-only 1.28x ours full loss (2.3x nanogpt), training memory 0.23x
-hf's; 124M shape (B 2 x T 128) ours 1.10x nanogpt, 1.16x hf, response-only 1.05x (batches 60-92% response; other
-runs 1.09-1.21x), training memory 0.82x hf's (at 256 tokens per step weights, grads and AdamW state are ~90% of it;
-the logits ours never holds weigh more at longer T). Losses and gradient norms agree to ~1e-7 (hf's gradient norm
-to ~3e-6). TargetCrossEntropy with one exp per logit and no zero-filled/extra (vocab, C) buffers made ours' step
-1.20x faster on the small model and 1.08x at 124M; TiedEmbedding (the embedding's gradient added into the output
-layer's, not a second (vocab, C) buffer) took 124M memory from 0.86x to 0.82x hf's and the small step from 1.33x to
-1.37-1.77x nanogpt's (two runs; nanogpt's own time varied by 25% between them). 2026-12-01, with every chunk's
-logits written into one buffer (a fresh ~64 MB tensor per chunk cost ~22 ms of page faults): small model 1.74x
-nanogpt and 1.55x hf, response-only 1.26x (1.89x on dolly15k/mixed), training memory 0.20x hf's (was 0.23x);
-124M shape 1.12x nanogpt, 1.19x hf, training memory 0.79x hf's, response-only 1.02x (batches 60-92% response).
+Measured on the 2-core dev VM (1 thread, fp32): on the whole bundled sample (75% response), 2026-11-30 and 2026-12-01:
+small model ours 1.74-1.77x nanogpt and 1.55-1.70x hf with the full loss, response-only 1.26-1.28x; 124M shape (B 2 x
+T 128) ours 1.10-1.12x nanogpt, 1.16-1.19x hf, training memory 0.79-0.82x hf's, response-only 1.02-1.05x (batches
+60-92% response). TargetCrossEntropy with one exp per logit and no zero-filled/extra (vocab, C) buffers made ours'
+step 1.20x faster on the small model and 1.08x at 124M; TiedEmbedding (the embedding's gradient added into the output
+layer's, not a second (vocab, C) buffer) took 124M memory from 0.86x to 0.82x hf's; one logits buffer per call (a
+fresh ~64 MB tensor per chunk cost ~22 ms of page faults) took the small model's memory from 0.23x to 0.20x hf's.
+Losses and gradient norms agree to ~1e-7 (hf's gradient norm to ~3e-6). The latest figures are in README.md.
 
-Run (CPU, ~4 min on a 2-core VM with 1 thread; run it on an idle machine):
+Run (CPU, ~5 min on a 2-core VM with 1 thread; run it on an idle machine):
     python bench/train_step.py
-    python bench/train_step.py --configs small --rounds 9
+    python bench/train_step.py --configs small --rounds 12
     python bench/train_step.py --configs 124m --seq_len 256 --batch 2 --threads 2 --no_memory
-    python bench/train_step.py --data_dir dolly15k/mixed --no_memory   # the sample without open_qa (README):
-                                                                        # 47% response tokens, like the full Dolly
+    python bench/train_step.py --data_dir dolly15k --no_memory     # the whole bundled sample (75% response tokens)
 """
 
 import argparse
@@ -71,6 +74,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -82,6 +86,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import finetune_dolly as fd  # noqa: E402
+import prepare_dolly  # noqa: E402
 import transformers  # noqa: E402  (imported by every child too, so their baseline memory is the same)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -97,6 +102,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 GOAL_VS_NANOGPT, GOAL_VS_HF, NOISE_FLOOR = 1.0, 1.05, 0.95
 GOAL_MEMORY = 0.85
 GOAL_RESPONSE = {"124m": 1.15, "small": 1.8}
+REPRESENTATIVE = 111  # the bundled sample's records drawn from across Dolly-15k (the rest are all open_qa)
 LOSS_RTOL = 1e-4  # relative; fp32 sums over ~50k logits in different orders (chunked vs whole) differ at ~1e-6
 
 
@@ -157,6 +163,26 @@ def train_step(impl, model, optimizer, x, y, num_targets):
 def make_optimizer(model):
     # GPT.configure_optimizer only reads self.parameters(): the same groups and fused AdamW for the HF model
     return fd.GPT.configure_optimizer(model, fd.TrainConfig(), "cpu")
+
+
+def prepare_representative(out_dir):
+    """Shards of the bundled sample's first REPRESENTATIVE records (dolly15k/README.md: drawn from across the whole
+    Dolly-15k file, all eight categories), written by model/prepare_dolly.py itself into out_dir."""
+    with open(prepare_dolly.BUNDLED_SAMPLE, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(REPRESENTATIVE)]
+    categories = {json.loads(line)["category"] for line in lines}
+    if len(categories) != 8:
+        raise SystemExit(f"the first {REPRESENTATIVE} records of {prepare_dolly.BUNDLED_SAMPLE} should span Dolly's 8 "
+                         f"categories, found {sorted(categories)}: pass --data_dir")
+    source = os.path.join(out_dir, "dolly_representative.jsonl")
+    with open(source, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    shards = os.path.join(out_dir, "shards")
+    cmd = [sys.executable, os.path.join(ROOT, "model", "prepare_dolly.py"), "--input", source, "--output_dir", shards, "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"preparing the representative records failed:\n{r.stdout[-1000:]}{r.stderr[-2000:]}")
+    return shards
 
 
 def dolly_batches(data_dir, B, T, n, loss_on):
@@ -251,56 +277,83 @@ def rel(a, b):
 
 
 def bench(shape, args):
+    """Times the steps. Full loss: ours, nanogpt and hf, each its own model, one step per round in rotating order,
+    their losses compared round by round (identical fresh weights, then identical updates). Response-only: a second
+    copy of ours, one step per round next to the others; its loss and gradient norm on the fresh weights of round 0
+    are compared with nanogpt's and hf's full-logits loss on the same targets, computed without an update (the
+    full-logits path costs the same whatever the targets, so it is not timed twice)."""
     B, T = shape_batch(shape, args)
     n_layer, n_head, n_embd, _ = SHAPES[shape]
     batches = {lo: dolly_batches(args.data_dir, B, T, args.rounds + 1, lo) for lo in args.loss_on}
-    models = {impl: build_model(impl, shape) for impl in IMPLS}
-    optimizers = {impl: make_optimizer(m) for impl, m in models.items()}
-    n_params = sum(p.numel() for p in models["ours"].parameters())
-    fpt = flops_per_token(models["ours"], shape, T)
-    seconds = {(impl, lo): [] for lo in args.loss_on for impl in IMPLS}
-    record = {key: [] for key in seconds}  # (loss, grad norm) per round
+    runs = [(impl, "all") for impl in IMPLS if "all" in args.loss_on] + [("ours", "response")] * ("response" in args.loss_on)
+    models = {run: build_model(run[0], shape) for run in runs}
+    optimizers = {run: make_optimizer(m) for run, m in models.items()}
+    reference = {}  # impl: (loss, grad norm) of the full-logits loss on the response targets, fresh weights
+    if "response" in args.loss_on:
+        x, y, num_targets = batches["response"][0]
+        for impl in IMPLS[1:]:
+            model = models[impl, "all"] if (impl, "all") in models else build_model(impl, shape)
+            loss = (nanogpt_loss if impl == "nanogpt" else hf_loss)(model, x, y)
+            (loss / max(1, num_targets)).backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+            model.zero_grad(set_to_none=True)
+            reference[impl] = (loss.item() / max(1, num_targets), norm.item())
+    n_params = sum(p.numel() for p in models[runs[0]].parameters())
+    fpt = flops_per_token(models[runs[0]], shape, T)
+    seconds = {run: [] for run in runs}
+    record = {run: [] for run in runs}  # (loss, grad norm) per round
     peaks = []
     for r in range(args.rounds + 1):
-        for lo in args.loss_on:  # each model sees all then response, every round: the trajectories stay comparable
-            x, y, num_targets = batches[lo][r]
-            for impl in IMPLS[r % 3:] + IMPLS[:r % 3]:
-                t = time.perf_counter()
-                loss_norm = train_step(impl, models[impl], optimizers[impl], x, y, num_targets)
-                dt = time.perf_counter() - t
-                record[impl, lo].append(loss_norm)
-                if r > 0:
-                    seconds[impl, lo].append(dt)
+        for run in runs[r % len(runs):] + runs[:r % len(runs)]:
+            x, y, num_targets = batches[run[1]][r]
+            t = time.perf_counter()
+            loss_norm = train_step(run[0], models[run], optimizers[run], x, y, num_targets)
+            dt = time.perf_counter() - t
+            record[run].append(loss_norm)
+            if r > 0:
+                seconds[run].append(dt)
         peaks.append(matmul_peak())
     del models, optimizers
     peak = statistics.median(peaks)
     tokens = B * T
     print(f"\n== {shape}: {n_params / 1e6:.1f}M params ({n_layer} layers, {n_head} heads, {n_embd} wide, vocab {VOCAB}), "
           f"B {B} x T {T} = {tokens} tokens/step, fp32, {torch.get_num_threads()} thread(s), median of {args.rounds} rounds")
+    head = 6 * VOCAB * n_embd / fpt  # the output layer's share of the full-loss FLOPs
     for lo in args.loss_on:
         share = [b[2] / tokens for b in batches[lo][1:]]
-        print(f"   loss_on {lo:8s}: targets {min(share):.0%}-{max(share):.0%} of the tokens in the timed batches")
+        mean = sum(share) / len(share)
+        skip = "" if lo == "all" else (f"; the output layer skipped at the other {1 - mean:.0%} is {head * (1 - mean):.0%} of "
+                                       f"the FLOPs (1 / (1 - that) = {1 / (1 - head * (1 - mean)):.2f}x if time followed FLOPs)")
+        print(f"   loss_on {lo:8s}: targets {min(share):.0%}-{max(share):.0%} of the tokens in the timed batches (mean {mean:.0%}){skip}")
     print(f"   fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, median of per-round bests {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f}); "
           f"model FLOPs {fpt / 1e6:.1f} M/token (6N + 12LTC, full loss)")
-    print(f"   {'loss_on':8s} {'impl':8s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'min-max ms':>15s}   vs ours")
-    median = {k: statistics.median(v) for k, v in seconds.items()}
-    for lo in args.loss_on:
-        for impl in IMPLS:
-            s = seconds[impl, lo]
-            m = median[impl, lo]
-            vs = "" if impl == "ours" else f"ours {median[impl, lo] / median['ours', lo]:.2f}x faster"
-            print(f"   {lo:8s} {impl:8s} {m * 1e3:9.1f} {tokens / m:10.0f} {fpt * tokens / m / peak:6.1%} "
-                  f"{min(s) * 1e3:7.0f}-{max(s) * 1e3:<7.0f}   {vs}")
+    print(f"   {'loss_on':8s} {'impl':8s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>6s} {'min-max ms':>15s}   vs ours (loss_on all)")
+    median = {run: statistics.median(v) for run, v in seconds.items()}
+    for run in runs:
+        s = seconds[run]
+        m = median[run]
+        vs = "" if run == ("ours", "all") or ("ours", "all") not in median else f"ours {m / median['ours', 'all']:.2f}x faster"
+        if run == ("ours", "response") and ("ours", "all") in median:
+            vs = f"{median['ours', 'all'] / m:.2f}x faster than ours with the full loss"
+        print(f"   {run[1]:8s} {run[0]:8s} {m * 1e3:9.1f} {tokens / m:10.0f} {fpt * tokens / m / peak:6.1%} "
+              f"{min(s) * 1e3:7.0f}-{max(s) * 1e3:<7.0f}   {vs}")
     # the same math: loss and gradient norm of each step against ours
     same = {}
-    print("   same math (relative difference to ours; round 0 = identical fresh weights, max over all rounds):")
-    for lo in args.loss_on:
+    print("   same math (relative difference to ours):")
+    if "all" in args.loss_on:
         for impl in IMPLS[1:]:
-            d_loss = [rel(a[0], b[0]) for a, b in zip(record[impl, lo], record["ours", lo])]
-            d_norm = [rel(a[1], b[1]) for a, b in zip(record[impl, lo], record["ours", lo])]
-            same[impl, lo] = max(d_loss) <= LOSS_RTOL
-            print(f"     {lo:8s} {impl:8s} loss {record['ours', lo][0][0]:.6f} vs {record[impl, lo][0][0]:.6f}: round 0 {d_loss[0]:.1e}, "
-                  f"max {max(d_loss):.1e} | grad norm round 0 {d_norm[0]:.1e}, max {max(d_norm):.1e}")
+            d_loss = [rel(a[0], b[0]) for a, b in zip(record[impl, "all"], record["ours", "all"])]
+            d_norm = [rel(a[1], b[1]) for a, b in zip(record[impl, "all"], record["ours", "all"])]
+            same[impl, "all"] = max(d_loss) <= LOSS_RTOL
+            print(f"     all      {impl:8s} loss {record['ours', 'all'][0][0]:.6f} vs {record[impl, 'all'][0][0]:.6f}: round 0 (fresh weights) "
+                  f"{d_loss[0]:.1e}, max over the rounds {max(d_loss):.1e} | grad norm round 0 {d_norm[0]:.1e}, max {max(d_norm):.1e}")
+    if "response" in args.loss_on:
+        ours = record["ours", "response"][0]
+        for impl in IMPLS[1:]:
+            d_loss, d_norm = rel(reference[impl][0], ours[0]), rel(reference[impl][1], ours[1])
+            same[impl, "response"] = d_loss <= LOSS_RTOL
+            print(f"     response {impl:8s} loss {ours[0]:.6f} vs {reference[impl][0]:.6f} (full logits, fresh weights): {d_loss:.1e} "
+                  f"| grad norm {d_norm:.1e}")
     return {"median": median, "tokens": tokens, "same": same, "seconds": seconds}
 
 
@@ -325,12 +378,13 @@ def per_round(res, a, b):
 def main():
     p = argparse.ArgumentParser(description="Benchmark the training step against build-nanogpt math and transformers.")
     p.add_argument("--configs", default="small,124m", help="comma list of: small, 124m")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round); the median is reported")
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds (after one warm-up round); the median is reported")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared 2-core box, 1 thread was 2.4x faster than 2)")
     p.add_argument("--seq_len", type=int, default=128, help="sequence length at the 124M shape (short on CPU)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step at the 124M shape")
     p.add_argument("--loss_on", default="all,response", help="comma list of: all, response")
-    p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"), help="shards from model/prepare_dolly.py")
+    p.add_argument("--data_dir", default=None, help="shards from model/prepare_dolly.py (default: the bundled sample's "
+                   f"{REPRESENTATIVE} records drawn from across Dolly-15k, prepared into a temp dir)")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--strict", action="store_true", help="exit 1 if any goal is missed")
     p.add_argument("--_child", default="", help=argparse.SUPPRESS)
@@ -348,6 +402,19 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     t_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
+        if args.data_dir is None:
+            args.data_dir = prepare_representative(tmp)
+            what = f"the bundled sample's {REPRESENTATIVE} records drawn from across Dolly-15k"
+        else:
+            what = args.data_dir
+        train = fd.load_manifest(args.data_dir)["splits"]["train"]
+        print(f"data: {what}: train split {train['records']} records, {train['tokens']:,} tokens, "
+              f"{train['response_tokens'] / train['tokens']:.0%} of them response")
+        return run_benchmarks(configs, args, t_start)
+
+
+def run_benchmarks(configs, args, t_start):
     results, memory = {}, {}
     for shape in configs:
         results[shape] = bench(shape, args)
