@@ -37,7 +37,8 @@ command asks); all the rest 3.3%: write_samples 1.2% (3 x
 6 prompts x 64 tokens, one batch), checkpoints 1.1%, loss.png 1.0%, logging ~0. A checkpoint save (83 MiB) 84-95 ms,
 1.07-1.09x a plain torch.save + rename and 1.00-1.03x the same with fsync. Before the batched samples and the in-place
 evaluation loss, the shorter --max_steps 10 --interval 5 run measured 45.5% (evaluate 28.7%,
-samples 12.7%); now 33.9% (25.5%, 4.0%).
+samples 12.7%); now 33.9% (25.5%, 4.0%). A rerun later on 2026-12-01: 147.8 s vs 133.5 s, 10.7% (evaluate 9.8%, the rest 3.9%);
+a checkpoint save 1.02x a plain torch.save + rename.
 
 Goals (PASS/MISS; --strict exits 1 on a MISS):
     whole-run overhead <= 5% of the bare step time        full checkpoint save <= 1.2x a plain atomic torch.save

@@ -19,7 +19,7 @@ in CPU time: its tokenizer threads contend for the GIL) and 3.7-4.7x datasets.ma
 time is what the plain loop skips: the source hash (~10 ms), field checks, dedup and split (~8 ms), masks,
 categories and six fsync'ed files (~8 ms). Pinned to one CPU (`taskset -c 0`, no threads) it is 0.79x the plain
 loop, as before the groups (0.76-0.87x). 2026-12-01, with slices instead of np.split to cut each group's ids (8.8 -> 1.9
-ms on the sample): 1.12-1.16x and 4.6-4.9x; pinned to one CPU 0.80-0.95x (the ~30 ms of extras above remain).
+ms on the sample): 1.12-1.32x and 4.6-5.0x; pinned to one CPU 0.80-0.95x (the ~30 ms of extras above remain).
 
 Run (CPU only, ~10 s on the bundled 3,105-record sample; it prints PASS/MISS per goal, --strict exits 1 on a MISS):
     python bench/prepare.py

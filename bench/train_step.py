@@ -62,7 +62,7 @@ layer's, not a second (vocab, C) buffer) took 124M memory from 0.86x to 0.82x hf
 fresh ~64 MB tensor per chunk cost ~22 ms of page faults) took the small model's memory from 0.23x to 0.20x hf's.
 Losses and gradient norms agree to ~1e-7 (hf's gradient norm to ~3e-6). The latest figures are in README.md.
 
-Run (CPU, ~5 min on a 2-core VM with 1 thread; run it on an idle machine):
+Run (CPU, ~4 min on a 2-core VM with 1 thread; run it on an idle machine):
     python bench/train_step.py
     python bench/train_step.py --configs small --rounds 12 --memory small
     python bench/train_step.py --configs 124m --seq_len 256 --batch 2 --threads 2 --no_memory
@@ -87,7 +87,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import finetune_dolly as fd  # noqa: E402
-import prepare_dolly  # noqa: E402
+from representative import DESCRIPTION, RECORDS, prepare_representative  # noqa: E402
 import transformers  # noqa: E402  (imported by every child too, so their baseline memory is the same)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -103,7 +103,6 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 GOAL_VS_NANOGPT, GOAL_VS_HF, NOISE_FLOOR = 1.0, 1.05, 0.95
 GOAL_MEMORY = 0.85
 GOAL_RESPONSE = {"124m": 1.15, "small": 1.8}
-REPRESENTATIVE = 111  # the bundled sample's records drawn from across Dolly-15k (the rest are all open_qa)
 LOSS_RTOL = 1e-4  # relative; fp32 sums over ~50k logits in different orders (chunked vs whole) differ at ~1e-6
 
 
@@ -164,26 +163,6 @@ def train_step(impl, model, optimizer, x, y, num_targets):
 def make_optimizer(model):
     # GPT.configure_optimizer only reads self.parameters(): the same groups and fused AdamW for the HF model
     return fd.GPT.configure_optimizer(model, fd.TrainConfig(), "cpu")
-
-
-def prepare_representative(out_dir):
-    """Shards of the bundled sample's first REPRESENTATIVE records (dolly15k/README.md: drawn from across the whole
-    Dolly-15k file, all eight categories), written by model/prepare_dolly.py itself into out_dir."""
-    with open(prepare_dolly.BUNDLED_SAMPLE, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(REPRESENTATIVE)]
-    categories = {json.loads(line)["category"] for line in lines}
-    if len(categories) != 8:
-        raise SystemExit(f"the first {REPRESENTATIVE} records of {prepare_dolly.BUNDLED_SAMPLE} should span Dolly's 8 "
-                         f"categories, found {sorted(categories)}: pass --data_dir")
-    source = os.path.join(out_dir, "dolly_representative.jsonl")
-    with open(source, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    shards = os.path.join(out_dir, "shards")
-    cmd = [sys.executable, os.path.join(ROOT, "model", "prepare_dolly.py"), "--input", source, "--output_dir", shards, "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"preparing the representative records failed:\n{r.stdout[-1000:]}{r.stderr[-2000:]}")
-    return shards
 
 
 def dolly_batches(data_dir, B, T, n, loss_on):
@@ -385,7 +364,7 @@ def main():
     p.add_argument("--batch", type=int, default=2, help="sequences per step at the 124M shape")
     p.add_argument("--loss_on", default="all,response", help="comma list of: all, response")
     p.add_argument("--data_dir", default=None, help="shards from model/prepare_dolly.py (default: the bundled sample's "
-                   f"{REPRESENTATIVE} records drawn from across Dolly-15k, prepared into a temp dir)")
+                   f"{RECORDS} records drawn from across Dolly-15k, prepared into a temp dir: bench/representative.py)")
     p.add_argument("--memory", default="124m", help="comma list of the configs whose peak memory is measured in child "
                    "processes (the goal is at 124m; 'small,124m' adds the small model's, ~30 s)")
     p.add_argument("--no_memory", action="store_true", help="measure no peak memory (the same as --memory '')")
@@ -411,7 +390,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
         if args.data_dir is None:
             args.data_dir = prepare_representative(tmp)
-            what = f"the bundled sample's {REPRESENTATIVE} records drawn from across Dolly-15k"
+            what = DESCRIPTION
         else:
             what = args.data_dir
         train = fd.load_manifest(args.data_dir)["splits"]["train"]
