@@ -269,3 +269,34 @@ def test_an_empty_answer_is_explained():
     import chat
     assert "ended its answer at once" in chat.stop_note("eot", 256, 1024, "")
     assert chat.stop_note("eot", 256, 1024, "Paris.") is None
+
+
+# -----------------------------------------------------------------------------
+# bench/ (the benchmarks themselves are not run here; these check that their data and the GPU script's code paths work)
+
+
+def test_bench_data_is_the_sample_drawn_from_across_dolly(root, tmp_path):
+    """The benchmarks measure response-only loss on the bundled sample's first 111 records: all eight categories,
+    with prompt and response tokens in Dolly's proportions, not the 97.5% open_qa of the whole sample."""
+    sys.path.insert(0, os.path.join(root, "bench"))
+    try:
+        import representative
+    finally:
+        sys.path.remove(os.path.join(root, "bench"))
+    manifest = fd.load_manifest(representative.prepare_representative(str(tmp_path)))
+    assert len(manifest["categories"]) == 8 and manifest["records_read"] == representative.RECORDS
+    train = manifest["splits"]["train"]
+    assert 0.4 < train["response_tokens"] / train["tokens"] < 0.6
+
+
+def test_gpu_bench_smoke_runs_on_a_cpu(root, tmp_path):
+    """bench/gpu.py --smoke: the CUDA benchmark's steps (ours all/response, build-nanogpt's full logits) on a tiny
+    fp32 model; the first steps' losses agree and response-only trains on fewer targets."""
+    out = tmp_path / "gpu.json"
+    r = run(root, "bench/gpu.py", "--smoke", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"ours/all", "ours/response", "nanogpt/all"}
+    assert result["rows"]["ours/all"]["target_share"] == 1.0 and 0 < result["rows"]["ours/response"]["target_share"] < 1
+    same = [c for c in result["checks"] if c["what"].startswith("first-step loss")]
+    assert len(same) == 1 and same[0]["pass"], result["checks"]
