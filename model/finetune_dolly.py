@@ -322,6 +322,15 @@ class TiedEmbedding(torch.autograd.Function):
         return None, grad_w, None
 
 
+def target_positions(y):
+    """(positions, targets) of the (B, T) targets y: the flat indices b * T + t that have a target, and those targets.
+    Done on the host before y goes to a GPU: how many positions there are decides the loss's shapes, so finding them
+    on the GPU (a boolean mask) would make the CPU wait there for the device at every micro-step."""
+    y = y.reshape(-1)
+    positions = torch.nonzero(y != IGNORE_INDEX).squeeze(1)
+    return positions, y[positions]
+
+
 def logits_buffer(h, weight, chunk_rows):
     """One fp32 (chunk rows, vocab) buffer that every chunk's logits are written into. On a CPU a fresh ~64 MB tensor
     per chunk is fresh memory from the OS each time (too large for malloc to keep), and its page faults made the
@@ -393,8 +402,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, reduction="mean"):
         """idx (B, T) token ids. Without targets: returns (logits, None), logits (B, T, vocab). With targets (B, T),
-        where IGNORE_INDEX marks positions without loss: returns (None, loss); logits are computed only at target
-        positions. (Generation, with its KV cache, calls hidden_states itself: see generate.)"""
+        where IGNORE_INDEX marks positions without loss, or with (positions, targets) as target_positions gives them:
+        returns (None, loss); logits are computed only at target positions. (Generation, with its KV cache, calls
+        hidden_states itself: see generate.)"""
         if targets is None:
             return self.lm_head(self.hidden_states(idx)), None
         # tied weights (as GPT-2, see __init__): the output layer's weight gradient goes to the embedding's backward
@@ -402,8 +412,8 @@ class GPT(nn.Module):
         tied = {} if weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled() else None
         tok_emb = TiedEmbedding.apply(idx, weight, tied) if tied is not None else None
         x = self.hidden_states(idx, tok_emb=tok_emb)
-        keep = targets != IGNORE_INDEX  # (B, T)
-        return None, target_cross_entropy(x[keep], weight, targets[keep], reduction, tied)
+        positions, targets = targets if isinstance(targets, tuple) else target_positions(targets)
+        return None, target_cross_entropy(x.flatten(0, 1).index_select(0, positions), weight, targets, reduction, tied)
 
     def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None, tok_emb=None):
         """The transformer without the output layer: (B, T) ids -> (B, T, C) after the final LayerNorm.
@@ -701,13 +711,14 @@ def accumulate_gradients(train_model, batches, num_targets, world_size, device, 
     one big batch's whatever the masking; x world_size undoes DDP's averaging of gradients over ranks."""
     loss_sum = torch.zeros((), device=device)
     for micro_step, (x, y) in enumerate(batches):
+        positions, targets = target_positions(y)  # on the host: no wait for the GPU in the step
         if str(device).startswith("cuda"):  # pinned host memory lets the copy overlap with compute
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            x, positions, targets = (t.pin_memory().to(device, non_blocking=True) for t in (x, positions, targets))
         last = micro_step == len(batches) - 1
         # DDP all-reduces gradients only on the last micro-step
         with train_model.no_sync() if world_size > 1 and not last else nullcontext():
             with autocast:
-                _, loss = train_model(x, y, reduction="sum")
+                _, loss = train_model(x, (positions, targets), reduction="sum")
             (loss * (world_size / max(1, num_targets))).backward()
         loss_sum += loss.detach()
     return loss_sum

@@ -311,6 +311,54 @@ def test_model_loss_and_grads_match_full_logits():
     torch.testing.assert_close(losses, full[targets.view(-1) != fd.IGNORE_INDEX], rtol=1e-5, atol=1e-6)
 
 
+def test_training_step_finds_target_positions_on_the_host():
+    """accumulate_gradients finds the positions with a target on the host (target_positions) and hands them to the
+    model, so the step's forward and backward hold no op whose output shape depends on the data (a boolean mask, a
+    nonzero, an .item()): on a GPU each would make the CPU wait for the device. Same loss and gradients, bitwise, as
+    the model given the (B, T) targets."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DataDependentOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+            if name in ("nonzero", "masked_select", "_local_scalar_dense", "unique") or (
+                    name.startswith("index") and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in flat)):
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 4096, (2, 64), generator=g), torch.randint(0, 4096, (2, 64), generator=g)
+    y[0, :20] = fd.IGNORE_INDEX
+    y[1, 40:] = fd.IGNORE_INDEX
+    positions, targets = fd.target_positions(y)
+    assert positions.tolist() == [i for i in range(128) if y.view(-1)[i] != fd.IGNORE_INDEX]
+    assert torch.equal(targets, y.view(-1)[positions])
+    grads = []
+    for given in ((positions, targets), y):
+        model = tiny_gpt(seed=5, vocab_size=4096, std=0.1).train()
+        optimizer = model.configure_optimizer(fd.TrainConfig(), "cpu")
+        with DataDependentOps() as ops:
+            _, loss = model(x, given, reduction="sum")
+            loss.backward()
+            grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the rest of train()'s step
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert ops.seen == ([] if isinstance(given, tuple) else ["nonzero"]), ops.seen  # the (B, T) form finds them itself
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+    calls = []
+    model = tiny_gpt(seed=5, vocab_size=4096, std=0.1).train()
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[1]))
+    fd.accumulate_gradients(model, [(x, y)], len(targets), 1, "cpu")
+    assert len(calls) == 1 and torch.equal(calls[0][0], positions) and torch.equal(calls[0][1], targets)
+
+
 def test_untied_output_layer_gets_its_own_gradient():
     """A user's variant that unties the output layer from the embedding still gets the plain gradients."""
     model = tiny_gpt(seed=6, vocab_size=512, std=0.1).train()
