@@ -1014,11 +1014,11 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
         sums[3::2] += torch.bincount(c, minlength=num_categories).double()
 
     for x, y, c in val_batches(stream, cfg.batch_size, cfg.sequence_length, cfg.val_tokens, cfg.loss_on, rank, world_size):
-        keep = y != IGNORE_INDEX
+        positions, y = target_positions(y)  # on the host, as in training
         with autocast:
-            hidden.append(model.hidden_states(x.to(device))[keep.to(device)])
-        targets.append(y[keep].to(device))
-        cats.append(c[keep])
+            hidden.append(model.hidden_states(x.to(device)).flatten(0, 1).index_select(0, positions.to(device)))
+        targets.append(y.to(device))
+        cats.append(c.reshape(-1)[positions])
         if sum(len(t) for t in targets) >= EVAL_ROWS:
             add_losses()
     if targets:
