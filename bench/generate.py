@@ -21,7 +21,8 @@ Measured on the 2-core dev VM (1 thread, 2026-11-30): small KV cache 6.9x no cac
 reading 119 MB of fp32 weights per token; 4.6x, 68.6 vs 14.9, before generation used a (C, vocab) copy of the output
 weight, which MKL reads ~2.7x faster one row at a time; --threads 2: 4.3x, 98.3 vs 22.6); 124M 11.1x (26.8 vs 2.4);
 training samples, 8 prompts of 14-307 tokens: one batch 2.1x one at a time (188 vs 90 tok/s); the quick-start model
-(--model quickstart, 6 prompts that fit its 256 tokens): 1.8x; 124M: 1.8x.
+(--model quickstart, 6 prompts that fit its 256 tokens): 1.8x; 124M: 1.8x. 2026-12-01: small 6.4x
+(96.9 vs 15.1 tok/s), its training samples 2.2x.
 
 Run (CPU; the small model takes ~1.5 minutes on a 2-core box, mostly in (b); the 124M shape needs far longer
 there, so run it on a bigger machine or a GPU):

@@ -6,6 +6,7 @@ Response-only loss skips work in proportion to the prompt tokens, so these recor
 it gains on Dolly.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -20,9 +21,9 @@ DESCRIPTION = f"the bundled sample's {RECORDS} records drawn from across Dolly-1
 def prepare_representative(out_dir):
     """Writes the records to out_dir and prepares them there with model/prepare_dolly.py; returns the shard dir."""
     with open(SAMPLE, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(RECORDS)]
+        lines = list(itertools.islice(f, RECORDS))
     categories = {json.loads(line)["category"] for line in lines}
-    if len(categories) != 8:
+    if len(lines) != RECORDS or len(categories) != 8:
         raise SystemExit(f"the first {RECORDS} records of {SAMPLE} should span Dolly's 8 categories, "
                          f"found {sorted(categories)}: pass --data_dir")
     source = os.path.join(out_dir, "dolly_representative.jsonl")
