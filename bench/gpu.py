@@ -23,7 +23,7 @@ proportional to FLOPs gives ~1.145x: a PASS needs the skipped softmax passes ove
 to cost more than their FLOP share; the estimate for the batches used is printed).
 Same math: the first step's loss of ours (all) and nanogpt on the same fresh weights and batch agree to bf16 tolerance.
 
-The batches: by default from the bundled sample's 111 records drawn from across Dolly-15k (bench/representative.py;
+The batches: by default from the bundled sample's 111 records drawn from across Dolly-15k (bench/common.py;
 53% response tokens, as on the full Dolly more or less), which the script prepares into a temp dir; --data_dir takes
 other shards.
 
@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "model"))
 
 import finetune_dolly as fd  # noqa: E402
-from representative import DESCRIPTION, prepare_representative  # noqa: E402
+from common import DESCRIPTION, dolly_batches, flops_per_token, prepare_representative  # noqa: E402
 
 # dense bf16, by a part of torch.cuda.get_device_name(); the first match counts, so the NVL (PCIe) cards come first
 DATASHEET_BF16_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.4, "H100": 989.4, "A100": 312.0}
@@ -118,7 +118,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per implementation per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data_dir", default=None, help="shards from model/prepare_dolly.py (default: " + DESCRIPTION +
-                   ", prepared into a temp dir: bench/representative.py)")
+                   ", prepared into a temp dir: bench/common.py)")
     p.add_argument("--json", default="", help="also write the figures to this file")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="torch.compile (auto: on for CUDA)")
     p.add_argument("--smoke", action="store_true", help="a tiny fp32 model on the CPU, uncompiled: checks the script anywhere")
@@ -144,15 +144,8 @@ def main():
 
     tmp = tempfile.TemporaryDirectory(prefix="gpu_bench_")  # removed when main returns
     data_dir = args.data_dir or prepare_representative(tmp.name)
-    manifest = fd.load_manifest(data_dir)
     n_batches = args.warmup + args.rounds * args.steps
-    batches = {}
-    for lo in ("all", "response"):
-        loader = fd.DataLoader(fd.TokenStream(data_dir, "train", manifest), args.batch, args.seq_len, 1, 0, 1, lo)
-        batches[lo] = []
-        for _ in range(n_batches):
-            (xy,), num_targets = loader.next_step()
-            batches[lo].append((*xy, num_targets))
+    batches = {lo: dolly_batches(data_dir, args.batch, args.seq_len, n_batches, lo) for lo in ("all", "response")}
     print(f"data: {args.data_dir or DESCRIPTION}")
 
     ours, ours_opt = make_model(args, device)
@@ -198,8 +191,7 @@ def main():
     mm_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     measured_peak = statistics.median(matmul_peak(device, mm_dtype, 256 if args.smoke else 8192) for _ in range(3))
     sheet = next((v * 1e12 for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None) if dtype == "bfloat16" else None
-    n = sum(p.numel() for p in ours.parameters()) - ours.transformer.wpe.weight.numel()
-    fpt = 6 * n + 12 * args.n_layer * args.seq_len * args.n_embd
+    fpt = flops_per_token(ours, args.seq_len)
     tokens = args.batch * args.seq_len
     print(f"matmul peak measured {measured_peak / 1e12:.1f} TFLOP/s ({mm_dtype}); data sheet "
           f"{'%.1f TFLOP/s' % (sheet / 1e12) if sheet else 'unknown for this GPU'}; model {fpt / 1e9:.3f} GFLOP/token")

@@ -88,7 +88,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import finetune_dolly as fd  # noqa: E402
-from representative import DESCRIPTION, RECORDS, prepare_representative  # noqa: E402
+from common import DESCRIPTION, RECORDS, dolly_batches, flops_per_token, prepare_representative  # noqa: E402
 import transformers  # noqa: E402  (imported by every child too, so their baseline memory is the same)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -164,23 +164,6 @@ def train_step(impl, model, optimizer, x, y, num_targets):
 def make_optimizer(model):
     # GPT.configure_optimizer only reads self.parameters(): the same groups and fused AdamW for the HF model
     return fd.GPT.configure_optimizer(model, fd.TrainConfig(), "cpu")
-
-
-def dolly_batches(data_dir, B, T, n, loss_on):
-    """n consecutive (x, y, num_targets) micro-batches of the train split from the project's DataLoader."""
-    manifest = fd.load_manifest(data_dir)
-    loader = fd.DataLoader(fd.TokenStream(data_dir, "train", manifest), B, T, 1, 0, 1, loss_on)
-    out = []
-    for _ in range(n):
-        batches, num_targets = loader.next_step()
-        out.append((*batches[0], num_targets))
-    return out
-
-
-def flops_per_token(model, shape, T):
-    n_layer, _, n_embd, _ = SHAPES[shape]
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * n + 12 * n_layer * T * n_embd
 
 
 def matmul_peak(n=2048, reps=2):
@@ -284,7 +267,7 @@ def bench(shape, args):
             model.zero_grad(set_to_none=True)
             reference[impl] = (loss.item() / max(1, num_targets), norm.item())
     n_params = sum(p.numel() for p in models[runs[0]].parameters())
-    fpt = flops_per_token(models[runs[0]], shape, T)
+    fpt = flops_per_token(models[runs[0]], T)
     seconds = {run: [] for run in runs}
     record = {run: [] for run in runs}  # (loss, grad norm) per round
     peaks = []
@@ -369,7 +352,7 @@ def main():
     p.add_argument("--batch", type=int, default=2, help="sequences per step at the 124M shape")
     p.add_argument("--loss_on", default="all,response", help="comma list of: all, response")
     p.add_argument("--data_dir", default=None, help="shards from model/prepare_dolly.py (default: the bundled sample's "
-                   f"{RECORDS} records drawn from across Dolly-15k, prepared into a temp dir: bench/representative.py)")
+                   f"{RECORDS} records drawn from across Dolly-15k, prepared into a temp dir: bench/common.py)")
     p.add_argument("--memory", default=None, help="comma list of the configs whose peak memory is measured in child "
                    "processes (default: 124m, where the goal is, when it runs; 'small,124m' adds the small model's, ~30 s)")
     p.add_argument("--no_memory", action="store_true", help="measure no peak memory (the same as --memory '')")

@@ -280,11 +280,11 @@ def test_bench_data_is_the_sample_drawn_from_across_dolly(root, tmp_path):
     with prompt and response tokens in Dolly's proportions, not the 97.5% open_qa of the whole sample."""
     sys.path.insert(0, os.path.join(root, "bench"))
     try:
-        import representative
+        import common
     finally:
         sys.path.remove(os.path.join(root, "bench"))
-    manifest = fd.load_manifest(representative.prepare_representative(str(tmp_path)))
-    assert len(manifest["categories"]) == 8 and manifest["records_read"] == representative.RECORDS
+    manifest = fd.load_manifest(common.prepare_representative(str(tmp_path)))
+    assert len(manifest["categories"]) == 8 and manifest["records_read"] == common.RECORDS
     train = manifest["splits"]["train"]
     assert 0.4 < train["response_tokens"] / train["tokens"] < 0.6
 
