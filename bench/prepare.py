@@ -14,12 +14,15 @@ disturbed when other jobs share the machine). Goals:
     prepare >= 0.9x the plain loop (the extras cost little)      prepare >= 2x datasets.map
 
 Measured on the 2-core dev VM (shared with other jobs), 2026-11-30: prepare 0.93-1.21x the plain loop (0.64-0.88x
-in CPU time: its tokenizer threads contend for the GIL) and 3.7-4.7x datasets.map. prepare tokenizes in groups of
+in CPU time: its tokenizer threads contend for the GIL) and 3.7-4.7x datasets.map. prepare then tokenized in groups of
 512 texts joined by the EOT special token, on two threads here: 1.9x faster than a call per text; the rest of its
 time is what the plain loop skips: the source hash (~10 ms), field checks, dedup and split (~8 ms), masks,
 categories and six fsync'ed files (~8 ms). Pinned to one CPU (`taskset -c 0`, no threads) it is 0.79x the plain
 loop, as before the groups (0.76-0.87x). 2026-12-01, with slices instead of np.split to cut each group's ids (8.8 -> 1.9
-ms on the sample): 1.12-1.32x and 4.6-5.0x; pinned to one CPU 0.80-0.95x (the ~30 ms of extras above remain).
+ms on the sample): 1.12-1.32x and 4.6-5.0x; pinned to one CPU 0.80-0.95x (the ~30 ms of extras above remain). Later
+on 2026-12-01, with one text per 256 records (prompt<EOT>response<EOT>...) whose ids go into the shards as they come,
+minus the EOTs after the prompts (no per-text arrays): 1.17-1.18x and 4.8x; pinned to one CPU 0.84-0.86x over three
+runs (0.83x just before on the same machine).
 
 Run (CPU only, ~10 s on the bundled 3,105-record sample; it prints PASS/MISS per goal, --strict exits 1 on a MISS):
     python bench/prepare.py

@@ -281,62 +281,70 @@ def save_npy_atomic(path, array):
     os.replace(tmp, path)
 
 
-def encode_texts(enc, texts, desc, progress):
-    """enc.encode_ordinary of each text, as uint32 arrays, in order; 1.9x faster than a call per text on 2 cores.
-    Texts go to tiktoken 512 at a time, joined by <|endoftext|> allowed as the special token: tiktoken encodes the
-    text between special tokens on its own, so cutting the ids after each EOT gives each text's ids exactly. Such
-    long calls let go of the GIL for long, so the groups run on a few threads (none on a single CPU). A text
-    that spells <|endoftext|> itself is encoded alone, as ordinary text."""
+def encode_examples(enc, records, desc, progress):
+    """The tokens of tokenize_example(enc, record) for all records, back to back (uint32), and each example's
+    (prompt, response + EOT) token counts, as an (n, 2) array; 1.15x faster than tokenize_example per record on one
+    CPU, 2x on two.
+    Records go to tiktoken 256 at a time as one text, prompt<|endoftext|>response<|endoftext|>..., with <|endoftext|>
+    allowed as the special token: tiktoken encodes the text between special tokens on its own, so each EOT marks the
+    end of a prompt or of an example, and dropping the EOTs after the prompts leaves the examples exactly. Such long
+    calls let go of the GIL for long, so the groups run on a few threads (none on a single CPU). A record whose text
+    spells <|endoftext|> itself is encoded on its own, by tokenize_example."""
     from tqdm import tqdm
     threads = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    out = [None] * len(texts)
-    joinable = []
-    for i, text in enumerate(texts):
-        if EOT_TEXT in text:
-            out[i] = enc.encode_to_numpy(text, disallowed_special=())
+    texts = [format_example(record) for record in records]
+    groups, joinable = [], []  # lists of record indices: runs of at most 256 joinable records, or one that spells EOT
+    for i, (prompt, response) in enumerate(texts):
+        if EOT_TEXT in prompt or EOT_TEXT in response:
+            groups += [joinable, [i]] if joinable else [[i]]
+            joinable = []
         else:
             joinable.append(i)
-    groups = [joinable[s:s + 512] for s in range(0, len(joinable), 512)]
+            if len(joinable) == 256:
+                groups.append(joinable)
+                joinable = []
+    groups += [joinable] if joinable else []
 
     def encode_group(group):
-        ids = enc.encode_to_numpy(EOT_TEXT.join(texts[i] for i in group) + EOT_TEXT, allowed_special={EOT_TEXT}, disallowed_special=())
-        ends = np.flatnonzero(ids == EOT).tolist()  # where each text's ids stop; slices are ~4x faster than np.split
-        return [ids[start + 1:end] for start, end in zip([-1] + ends[:-1], ends)]
+        if len(group) == 1 and EOT_TEXT in texts[group[0]][0] + texts[group[0]][1]:
+            tokens, mask = tokenize_example(enc, records[group[0]])
+            return np.array(tokens, dtype=np.uint32), np.array([[mask.count(0), mask.count(1)]], dtype=np.int64)
+        text = "".join(prompt + EOT_TEXT + response + EOT_TEXT for prompt, response in (texts[i] for i in group))
+        ids = enc.encode_to_numpy(text, allowed_special={EOT_TEXT}, disallowed_special=())
+        ends = np.flatnonzero(ids == EOT)
+        assert len(ends) == 2 * len(group)
+        prompt_ends, example_ends = ends[0::2], ends[1::2]
+        starts = np.concatenate(([0], example_ends[:-1] + 1))
+        return np.delete(ids, prompt_ends), np.stack([prompt_ends - starts, example_ends - prompt_ends], axis=1)
 
-    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False) as bar, \
+    ids, lengths = [np.zeros(0, np.uint32)], [np.zeros((0, 2), np.int64)]
+    with tqdm(total=len(records), desc=desc, unit="example", disable=not progress, leave=False) as bar, \
             ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
-        for group, pieces in zip(groups, pool.map(encode_group, groups) if pool else map(encode_group, groups)):
-            assert len(pieces) == len(group)
-            for i, piece in zip(group, pieces):
-                out[i] = piece
+        for group, (group_ids, group_lengths) in zip(groups, pool.map(encode_group, groups) if pool else map(encode_group, groups)):
+            ids.append(group_ids)
+            lengths.append(group_lengths)
             bar.update(len(group))
-    return out
+    return np.concatenate(ids), np.concatenate(lengths)
 
 
 def write_split(enc, split, records, category_ids, shard_size, out_dir, progress):
     """Tokenizes records into shards of exactly shard_size tokens (the last one shorter).
-    Examples are packed back to back and may straddle a shard boundary, like build-nanogpt's fineweb.py."""
-    stats = {"records": len(records), "tokens": 0, "response_tokens": 0, "max_example_tokens": 0,
-             "tokens_per_category": Counter(), "records_per_category": Counter()}
-    # The same tokens and mask as tokenize_example, straight into one buffer per split.
-    # The split stays in memory (Dolly-15k: ~3M tokens, 12 MB as uint32).
-    encoded = encode_texts(enc, [text for record in records for text in format_example(record)], f"tokenizing {split}", progress)
-    ids, lengths = [], []  # uint32 token ids; per example: prompt length, response length + 1 (EOT)
-    eot = np.array([EOT], dtype=np.uint32)
-    for record, prompt, response in zip(records, encoded[0::2], encoded[1::2]):
-        ids += (prompt, response, eot)
-        lengths += (len(prompt), len(response) + 1)
-        stats["tokens_per_category"][record["category"]] += len(prompt) + len(response) + 1
-        stats["records_per_category"][record["category"]] += 1
-    lengths = np.array(lengths, dtype=np.int64).reshape(-1, 2)
+    Examples are packed back to back and may straddle a shard boundary, like build-nanogpt's fineweb.py.
+    The split stays in memory (Dolly-15k: ~3M tokens, 12 MB as uint32)."""
+    ids, lengths = encode_examples(enc, records, f"tokenizing {split}", progress)
     example_lengths = lengths.sum(axis=1)
-    arrays = {"tokens": np.concatenate(ids or [np.zeros(0, np.uint32)]).astype(np.uint16),
+    example_categories = np.array([category_ids[r["category"]] for r in records], dtype=np.uint8)
+    arrays = {"tokens": ids.astype(np.uint16),
               "mask": np.repeat(np.tile(np.array([0, 1], dtype=np.uint8), len(records)), lengths.ravel()),
-              "category": np.repeat(np.array([category_ids[r["category"]] for r in records], dtype=np.uint8), example_lengths)}
+              "category": np.repeat(example_categories, example_lengths)}
     n_tokens = len(arrays["tokens"])
-    stats["tokens"] = n_tokens
-    stats["response_tokens"] = int(lengths[:, 1].sum())
-    stats["max_example_tokens"] = int(example_lengths.max(initial=0))
+    records_per_category = Counter(r["category"] for r in records)
+    tokens_per_category = np.bincount(example_categories, weights=example_lengths, minlength=len(category_ids))
+    stats = {"records": len(records), "tokens": n_tokens, "response_tokens": int(lengths[:, 1].sum()),
+             "max_example_tokens": int(example_lengths.max(initial=0)),
+             "tokens_per_category": {c: int(tokens_per_category[category_ids[c]]) for c in sorted(records_per_category)},
+             "records_per_category": dict(sorted(records_per_category.items())),
+             "mean_example_tokens": round(n_tokens / max(1, len(records)), 2)}
     shards = []
     for start in range(0, n_tokens, shard_size):
         names = {kind: shard_name(split, kind, len(shards)) for kind in arrays}
@@ -344,9 +352,6 @@ def write_split(enc, split, records, category_ids, shard_size, out_dir, progress
             save_npy_atomic(os.path.join(out_dir, name), arrays[kind][start:start + shard_size])
         shards.append({"tokens": names["tokens"], "mask": names["mask"], "category": names["category"],
                        "num_tokens": min(shard_size, n_tokens - start)})
-    stats["mean_example_tokens"] = round(stats["tokens"] / max(1, len(records)), 2)
-    for key in ("tokens_per_category", "records_per_category"):
-        stats[key] = dict(sorted(stats[key].items()))
     return shards, stats
 
 

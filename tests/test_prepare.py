@@ -259,18 +259,27 @@ def test_tokenize_example_round_trip_and_mask(enc, sample_records, extra):
 
 
 @pytest.mark.parametrize("cpus", [{0}, {0, 1, 2}])
-def test_encode_texts_keeps_order_on_one_or_more_threads(enc, sample_records, monkeypatch, cpus):
-    """Groups of 512 texts, joined by the EOT special token, go to a thread pool (one thread per CPU this process
-    may use, at most 8; none on a single CPU): the arrays come back in input order and equal encode_ordinary of
-    each text, also for empty texts, texts that end in whitespace and texts that spell <|endoftext|>."""
+def test_encode_examples_equals_tokenize_example_on_one_or_more_threads(enc, sample_records, monkeypatch, cpus):
+    """Groups of 256 records, each one text joined by the EOT special token, go to a thread pool (one thread per CPU
+    this process may use, at most 8; none on a single CPU): the tokens and the (prompt, response + EOT) counts come
+    back in record order and equal tokenize_example of each record, also for records whose prompt or response ends in
+    whitespace, is a single character or spells <|endoftext|> (encoded alone, as ordinary text), at any place in a group."""
     if hasattr(os, "sched_getaffinity"):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
-    texts = [text for r in sample_records for text in prepare_dolly.format_example(r)] * 4
-    texts[100:100] = ["", "ends in newlines\n\n", "  ", "Réponse 🙂 with <|endoftext|> spelled out", "<|endoftext|>", "x"]
-    assert len(texts) > 2 * 512
-    arrays = prepare_dolly.encode_texts(enc, texts, "test", progress=False)
-    assert [a.dtype for a in arrays] == [np.uint32] * len(texts)
-    assert [a.tolist() for a in arrays] == [enc.encode_ordinary(t) for t in texts]
+    records = sample_records * 4
+    odd = [record(1, response="ends in newlines\n\n"), record(2, response="x"),
+           record(3, context="Réponse 🙂 with <|endoftext|> spelled out"), record(4, response="<|endoftext|>"),
+           record("<|endoftext|>"), record(5, context=" <|endoftext|><|endoftext|> ")]
+    records[100:100] = odd[:3]
+    records[255:255] = odd[3:4]  # a record that is encoded alone, where a group of 256 would end
+    records += odd[4:]
+    assert len(records) > 2 * 256
+    ids, lengths = prepare_dolly.encode_examples(enc, records, "test", progress=False)
+    examples = [tokenize_example(enc, r) for r in records]
+    assert ids.dtype == np.uint32 and lengths.shape == (len(records), 2)
+    assert ids.tolist() == [t for tokens, _ in examples for t in tokens]
+    assert lengths.tolist() == [[mask.count(0), mask.count(1)] for _, mask in examples]
+    assert [len(a) for a in prepare_dolly.encode_examples(enc, [], "test", progress=False)] == [0, 0]
 
 
 def test_records_hash_is_sha256_of_sorted_json_lines():
