@@ -142,12 +142,15 @@ def validate_config(cfg, world_size=1):
     def need(ok, msg):
         if not ok:
             problems.append(msg)
+    infinite = [f"--{k} {v}" for k, v in asdict(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
+    need(not infinite, f"{', '.join(infinite)}: must be a finite number")
     need(cfg.max_lr > 0, f"--max_lr must be > 0, got {cfg.max_lr}")
     need(0 <= cfg.min_lr <= cfg.max_lr, f"--min_lr must be in [0, max_lr={cfg.max_lr}], got {cfg.min_lr}")
     need(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
     need(cfg.max_steps >= 1 or cfg.num_epochs > 0, f"--max_steps must be >= 1, got {cfg.max_steps}")
     need(cfg.num_epochs >= 0, f"--num_epochs must be >= 0, got {cfg.num_epochs}")
     need(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")
+    need(cfg.total_batch_size >= 1, f"--total_batch_size must be >= 1, got {cfg.total_batch_size}")
     need(cfg.sequence_length >= 1, f"--sequence_length must be >= 1, got {cfg.sequence_length}")
     need(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0, got {cfg.grad_clip}")
@@ -155,6 +158,7 @@ def validate_config(cfg, world_size=1):
     need(cfg.loss_on in ("response", "all"), f"--loss_on must be 'response' or 'all', got {cfg.loss_on!r}")
     need(cfg.eval_interval >= 1, f"--eval_interval must be >= 1, got {cfg.eval_interval}")
     need(cfg.generate_interval >= 0, f"--generate_interval must be >= 0, got {cfg.generate_interval}")
+    need(cfg.generate_max_tokens >= 1, f"--generate_max_tokens must be >= 1 (--generate_interval 0 turns samples off), got {cfg.generate_max_tokens}")
     need(cfg.checkpoint_interval >= 1, f"--checkpoint_interval must be >= 1, got {cfg.checkpoint_interval}")
     need(cfg.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints must be >= 1 (the newest is always kept), got {cfg.keep_last_n_checkpoints}")
     need(cfg.val_tokens >= 0, f"--val_tokens must be >= 0, got {cfg.val_tokens}")
@@ -163,6 +167,9 @@ def validate_config(cfg, world_size=1):
     need(cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     need(cfg.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, got {cfg.compile!r}")
     need(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
+    need(cfg.dist_timeout_min >= 1, f"--dist_timeout_min must be >= 1, got {cfg.dist_timeout_min}")
+    need(min(cfg.n_layer, cfg.n_embd, cfg.block_size) >= 1,
+         f"--n_layer, --n_embd and --block_size must be >= 1, got {cfg.n_layer}, {cfg.n_embd}, {cfg.block_size}")
     need(cfg.vocab_size >= VOCAB_SIZE, f"--vocab_size must be >= {VOCAB_SIZE} (GPT-2's tokenizer), got {cfg.vocab_size}")
     need(cfg.n_head >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
     micro = cfg.batch_size * cfg.sequence_length * world_size
@@ -514,6 +521,10 @@ _NanoGPTConfig.__module__, _NanoGPTConfig.__qualname__, _NanoGPTConfig.__name__ 
 
 def safe_torch_load(path, map_location="cpu"):
     """torch.load that never executes arbitrary pickled code. Raises UserError for unsafe or unreadable files."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head and head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, in its legacy format, a pickle)
+        raise UserError(f"{path}: not a PyTorch checkpoint file (torch.save writes a zip archive)")
     try:
         with torch.serialization.safe_globals([_NanoGPTConfig]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -586,7 +597,11 @@ class TokenStream:
         shards = manifest["splits"][split]["shards"]
         self.parts = []
         for s in shards:
-            arrays = [np.load(os.path.join(data_dir, s[kind]), mmap_mode="r") for kind in ("tokens", "mask", "category")]
+            try:
+                arrays = [np.load(os.path.join(data_dir, s[kind]), mmap_mode="r") for kind in ("tokens", "mask", "category")]
+            except (OSError, ValueError) as e:  # missing, truncated (mmap longer than the file) or not an .npy file
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+                raise UserError(f"{data_dir}/: a {split} shard cannot be read ({reason}); re-run `python model/prepare_dolly.py`") from None
             if not (len(arrays[0]) == len(arrays[1]) == len(arrays[2]) == s["num_tokens"]) or arrays[0].dtype != np.uint16:
                 raise UserError(f"{data_dir}/{s['tokens']}: shard does not match manifest.json; re-run `python model/prepare_dolly.py`")
             self.parts.append(arrays)
@@ -676,10 +691,23 @@ def load_manifest(data_dir):
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.isfile(path):
         raise UserError(f"no prepared data in {data_dir}/ (manifest.json missing); run `python model/prepare_dolly.py` first")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != 1 or manifest.get("tokenizer") != "gpt2" or manifest.get("vocab_size") != VOCAB_SIZE:
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, or not JSON (a half-copied file)
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); re-run `python model/prepare_dolly.py`") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != 1 or manifest.get("tokenizer") != "gpt2" \
+            or manifest.get("vocab_size") != VOCAB_SIZE:
         raise UserError(f"{path}: made by another version or tokenizer; re-run `python model/prepare_dolly.py`")
+    try:  # the parts the trainer reads
+        splits = [manifest["splits"][split] for split in ("train", "val")]
+        complete = all(k in manifest for k in ("source", "source_sha256", "val_fraction", "seed", "template", "categories")) and all(
+            isinstance(s["tokens"], int) and isinstance(s["tokens_per_category"], dict)
+            and all({"tokens", "mask", "category", "num_tokens"} <= shard.keys() for shard in s["shards"]) for s in splits)
+    except (KeyError, TypeError, AttributeError):
+        complete = False
+    if not complete:
+        raise UserError(f"{path}: incomplete or damaged; re-run `python model/prepare_dolly.py`")
     if manifest["splits"]["train"]["tokens"] == 0:
         raise UserError(f"{data_dir}/: the train split is empty; re-run `python model/prepare_dolly.py`")
     return manifest
@@ -957,12 +985,14 @@ class RunLock:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT ask the loop to stop after the current step and save; a second one exits at once."""
+    """SIGTERM/SIGINT ask the loop to stop after the current step and save; a second one exits at once (with the
+    run's own exit status once its last checkpoint is saved)."""
 
     REPEAT_WINDOW_S = 3.0  # a repeat this soon is the same request delivered twice, not a second one
 
     def __init__(self):
         self.requested, self.requested_at = False, 0.0
+        self.saved_exit_code = None  # set once the last checkpoint is saved: a later signal then exits with it
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -971,7 +1001,7 @@ class StopSignal:
             # SLURM signals every process of the job and torchrun then forwards the signal to its workers again:
             # exiting on that repeat would lose the checkpoint the first one asked for
             if time.monotonic() - self.requested_at > self.REPEAT_WINDOW_S:
-                os._exit(128 + signum)
+                os._exit(128 + signum if self.saved_exit_code is None else self.saved_exit_code)
             return
         self.requested, self.requested_at = True, time.monotonic()
         print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
@@ -1217,11 +1247,14 @@ def resolve_start(cfg, given, manifest, found=None):
         path, ckpt = find_resume_checkpoint(cfg.log_dir)
         if ckpt is None and cfg.strict_resume:
             raise UserError(f"--strict_resume: no loadable checkpoint (model_NNNNN.pt) in {cfg.log_dir}")
-    elif ckpt is None:
-        existing = list_checkpoints(cfg.log_dir)
-        if existing:
-            raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {os.path.basename(existing[-1][1])}); "
-                            f"pass --auto_resume to continue it, or choose another --log_dir")
+    existing = list_checkpoints(cfg.log_dir) if ckpt is None else []
+    if existing:  # a fresh run would overwrite them under the same names, and its rotation would delete them
+        newest = os.path.basename(existing[-1][1])
+        if (cfg.auto_resume or cfg.resume) and not cfg.checkpoint_path:
+            raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}), but none of them loads "
+                            f"(see the warnings above); to start afresh, move them out of {cfg.log_dir} or choose another --log_dir")
+        raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}); a fresh start would overwrite "
+                        f"them: pass --auto_resume to continue it, or choose another --log_dir")
     if ckpt is None:
         model, source = load_pretrained(cfg)
         return model, cfg, None, source, f"fresh start from {source}"
@@ -1263,8 +1296,8 @@ def train(cfg, given=frozenset()):
                 lock = RunLock(cfg.log_dir)
             except OSError as e:
                 raise UserError(f"--log_dir {cfg.log_dir}: cannot write there ({e.strerror}); choose a writable directory") from None
-            for name in os.listdir(cfg.log_dir):  # temp files of a save that was killed half-way
-                if ".pt.tmp" in name:
+            for name in os.listdir(cfg.log_dir):  # temp files of a checkpoint save or a loss.png that was killed half-way
+                if re.search(r"\.(pt|png)\.tmp\d+$", name):
                     os.remove(os.path.join(cfg.log_dir, name))
         if world_size > 1:
             dist.barrier()
@@ -1360,13 +1393,21 @@ def train(cfg, given=frozenset()):
                     for name in path_names:
                         atomic_torch_save(state, os.path.join(cfg.log_dir, name))
                     prune_checkpoints(cfg.log_dir, cfg.keep_last_n_checkpoints)
-                except OSError as e:
-                    runlog.log(f"ERROR: saving {path_names} in {cfg.log_dir} failed ({e.strerror or e}); earlier checkpoints are intact")
+                except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
+                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+                    free = shutil.disk_usage(cfg.log_dir).free / 2 ** 20
+                    runlog.log(f"ERROR: saving {path_names} in {cfg.log_dir} failed ({reason}; {free:,.0f} MiB free there); "
+                               f"earlier checkpoints are intact")
                     ok = False
             if world_size > 1:
                 ok = all_reduce_sum([0.0 if ok else 1.0], device)[0] == 0
             if not ok:
                 raise UserError(f"checkpoint save failed in {cfg.log_dir}; free space or fix permissions, then rerun with --auto_resume")
+
+        def diverged(step, what, lr):
+            newest = list_checkpoints(cfg.log_dir)
+            return UserError(f"training diverged at step {step} ({what}; lr {lr:.2e}); nothing was saved from it. Lower --max_lr "
+                             f"and start again" + (f", or resume from {newest[-1][1]} with --resume --checkpoint_path" if newest else ""))
 
         # step 0: the model before fine-tuning
         if start_step == 0:
@@ -1399,6 +1440,8 @@ def train(cfg, given=frozenset()):
                 torch.cuda.synchronize()
             dt = time.time() - t0
             grad_norm = grad_norm.item()
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # this step's update made the weights NaN/inf
+                raise diverged(step, f"loss {train_loss}, gradient norm {grad_norm}", lr)
             record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_sec": tokens_per_step / dt, "epoch": loader.position / stream.num_tokens}
             if rank == 0:
@@ -1429,11 +1472,15 @@ def train(cfg, given=frozenset()):
             names = [checkpoint_name(step)] if step % cfg.checkpoint_interval == 0 or last_step or stopping else []
             if is_best:
                 names.append("model_best.pt")
+            if names and not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item():
+                raise diverged(step, "weights not finite", lr)  # e.g. a finite but huge update: no checkpoint holds them
             if names:
                 save(step, val_loss, names)
             if stopping and not last_step:
+                stop.saved_exit_code = EXIT_PREEMPTED
                 print0(f"stopped after step {step}; checkpoint {checkpoint_name(step)} saved. Continue with --auto_resume")
                 return EXIT_PREEMPTED
+        stop.saved_exit_code = 0
         return 0
     finally:
         if runlog is not None:

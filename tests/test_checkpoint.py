@@ -1,15 +1,17 @@
 """Checkpoints and resume: atomic saves, rotation, SIGKILL/SIGTERM then --auto_resume == an uninterrupted run."""
 import errno
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import finetune_dolly as fd
-from conftest import ROOT, prepare, read_metrics, run_trainer, trainer_cmd
+from conftest import PYTHON, ROOT, prepare, read_metrics, run_trainer, trainer_cmd
 
 
 def wait_for(predicate, proc, timeout=120):
@@ -151,6 +153,15 @@ def test_sigkill_during_a_save_then_auto_resume(data_dir, tmp_path):
     assert_same_weights(final_weights(log, 4), final_weights(ref, 4))
 
 
+def test_temp_files_of_killed_writes_are_removed_at_the_next_start(data_dir, tmp_path):
+    log = tmp_path / "log"
+    log.mkdir()
+    for name in ("model_00002.pt.tmp4242", "model_best.pt.tmp4242", "loss.png.tmp4242", "notes.tmp"):
+        (log / name).write_bytes(b"half")
+    assert run_trainer(data_dir, log, "--max_steps", "1").returncode == 0
+    assert [name for name in os.listdir(log) if ".tmp" in name] == ["notes.tmp"]  # not ours: left alone
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_75(data_dir, tmp_path, reference):
     proc = start_trainer(data_dir, tmp_path)
     wait_for(lambda: metrics_step(tmp_path) >= 1, proc)
@@ -194,6 +205,87 @@ def test_explicit_checkpoint_path_missing(data_dir, tmp_path):
     assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
 
 
+def files_in(log_dir):
+    """Every file of a log dir and its bytes (the run lock aside, which every start rewrites)."""
+    return {name: (log_dir / name).read_bytes() for name in sorted(os.listdir(log_dir)) if name != ".lock"}
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def test_no_fresh_start_over_checkpoints_that_do_not_load(data_dir, tmp_path, reference):
+    """The guide falls back to the pretrained model when no checkpoint loads, but a fresh run in that folder would
+    overwrite the earlier run's files under the same names and its rotation would delete them: an error instead."""
+    log = tmp_path / "log"
+    shutil.copytree(reference, log)
+    for _, path in fd.list_checkpoints(log):
+        truncate(path)
+    before = files_in(log)
+    r = run_trainer(data_dir, log, "--auto_resume")
+    assert r.returncode == 1 and "none of them loads" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert files_in(log) == before
+    # a named checkpoint that does not load, beside others that do
+    log = tmp_path / "named"
+    shutil.copytree(reference, log)
+    truncate(log / "model_00006.pt")
+    before = files_in(log)
+    r = run_trainer(data_dir, log, "--resume", "--checkpoint_path", str(log / "model_00006.pt"))
+    assert r.returncode == 1 and "holds checkpoints of an earlier run" in r.stderr and "Traceback" not in r.stderr
+    assert files_in(log) == before
+    # where nothing can be overwritten, the guide's fallback: the pretrained model (here 'none': a random init)
+    r = run_trainer(data_dir, tmp_path / "empty", "--resume", "--checkpoint_path", str(log / "model_00006.pt"), "--max_steps", "1")
+    assert r.returncode == 0 and "falling back to the pretrained model" in r.stdout and "fresh start" in r.stdout
+
+
+def test_disk_full_during_a_save_stops_with_a_one_line_error(data_dir, tmp_path):
+    """A file size limit (RLIMIT_FSIZE, 1 MiB) fails the save's writes as a full disk does: torch.save reports the
+    short write as a RuntimeError, not an OSError. The earlier checkpoint stays as it was, no temp file is left."""
+    import resource
+    log = tmp_path / "log"
+    assert run_trainer(data_dir, log, "--max_steps", "2").returncode == 0
+    saved = (log / "model_00002.pt").read_bytes()
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+    r = subprocess.run(trainer_cmd(data_dir, log, "--auto_resume", "--max_steps", "4"), capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit_file_size)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "checkpoint save failed" in r.stderr and "MiB free there" in r.stdout
+    assert (log / "model_00002.pt").read_bytes() == saved
+    assert not any(".tmp" in name for name in os.listdir(log))
+
+
+@pytest.mark.parametrize("max_lr, why", [("1e4", "gradient norm inf"),  # the loss or the norm turns inf or NaN
+                                         ("1e39", "weights not finite")])  # a finite step's update overflows float32
+def test_a_diverged_run_stops_and_saves_nothing_from_it(data_dir, tmp_path, max_lr, why):
+    log = tmp_path / "log"
+    r = run_trainer(data_dir, log, "--max_lr", max_lr, "--min_lr", "0", "--warmup_steps", "0", "--checkpoint_interval", "1")
+    assert r.returncode == 1 and "training diverged at step" in r.stderr and why in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    step = int(r.stderr.split("training diverged at step ")[1].split()[0])
+    assert not (log / fd.checkpoint_name(step)).exists()
+    saved = [path for _, path in fd.list_checkpoints(log)] + [log / "model_best.pt"] * (log / "model_best.pt").exists()
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)["model"].values()), path
+
+
+@pytest.mark.parametrize("saved_exit_code, expected", [(None, 128 + signal.SIGTERM), (fd.EXIT_PREEMPTED, fd.EXIT_PREEMPTED)])
+def test_a_second_signal_exits_with_the_runs_status_once_it_is_saved(saved_exit_code, expected):
+    """After the stop's checkpoint is saved, the process may still take a few seconds to exit: a second SIGTERM
+    then must not turn 75 ('saved, requeue me') into 143."""
+    code = (f"import os, signal, sys, time; sys.path.insert(0, 'model'); import finetune_dolly as fd\n"
+            f"stop = fd.StopSignal(); stop.REPEAT_WINDOW_S = 0\n"
+            f"os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05); stop.saved_exit_code = {saved_exit_code}\n"
+            f"os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
+    r = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == expected, r.stderr
+
+
 def test_resume_overrides_flags_and_refuses_other_shape_or_data(data_dir, tmp_path, reference):
     ckpt = os.path.join(reference, "model_00004.pt")
     log = tmp_path / "log"
@@ -226,6 +318,11 @@ def test_malicious_checkpoint_is_never_executed(data_dir, tmp_path, reference):
     assert r.returncode == 0, r.stderr
     assert not marker.exists()
     assert "refusing to load" in r.stdout and "resuming from" in r.stdout
+
+
+def test_a_file_that_is_no_checkpoint_is_called_so(data_dir, tmp_path):
+    r = run_trainer(data_dir, tmp_path / "log", "--pretrained_checkpoint", os.path.join(ROOT, "README.md"))
+    assert r.returncode == 1 and "README.md: not a PyTorch checkpoint file" in r.stderr and "refusing" not in r.stderr
 
 
 def test_two_runs_cannot_share_a_log_dir(data_dir, tmp_path):

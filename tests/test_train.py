@@ -1,6 +1,8 @@
 """The training core: LR schedule, masked loss, gradient accumulation, the loader's state, config checks, the CLI."""
+import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -160,6 +162,61 @@ def test_cli_lists_invalid_values_in_one_error(data_dir, tmp_path):
     assert "Traceback" not in r.stderr
     assert "--max_lr must be > 0" in r.stderr and "--warmup_steps" in r.stderr and "valid --batch_size" in r.stderr
     assert not os.path.exists(tmp_path / "log" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--total_batch_size", "0"), "--total_batch_size must be >= 1"),
+    (("--total_batch_size", "-256"), "--total_batch_size must be >= 1"),
+    (("--n_layer", "0"), "--n_layer, --n_embd and --block_size must be >= 1"),
+    (("--n_embd", "-16", "--n_head", "1"), "--n_layer, --n_embd and --block_size must be >= 1"),
+    (("--max_lr", "inf"), "--max_lr inf: must be a finite number"),
+    (("--num_epochs", "nan"), "--num_epochs nan: must be a finite number"),
+    (("--generate_max_tokens", "0"), "--generate_max_tokens must be >= 1"),
+    (("--dist_timeout_min", "-1"), "--dist_timeout_min must be >= 1"),
+])
+def test_nonsensical_values_are_refused_before_anything_runs(data_dir, tmp_path, flags, needle):
+    r = run_trainer(data_dir, tmp_path / "log", *flags)
+    assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "log" / "metrics.jsonl")
+
+
+def truncate(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def overwrite(text):
+    def damage(path):
+        with open(path, "wb") as f:
+            f.write(text)
+    return damage
+
+
+def drop_splits(path):
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["splits"]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("dolly_train_000000.npy", truncate),
+    ("dolly_train_000000.npy", overwrite(bytes(range(256)) * 16)),
+    ("dolly_val_mask_000000.npy", os.remove),
+    ("manifest.json", overwrite(b'{"format_version": 1, bad')),
+    ("manifest.json", truncate),
+    ("manifest.json", drop_splits),
+])
+def test_damaged_data_says_to_run_prepare_again(data_dir, tmp_path, name, damage):
+    damaged = tmp_path / "data"
+    shutil.copytree(data_dir, damaged)
+    damage(str(damaged / name))
+    r = run_trainer(damaged, tmp_path / "log", "--max_steps", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "python model/prepare_dolly.py" in r.stderr
 
 
 def test_missing_data_dir_says_to_run_prepare(tmp_path):
