@@ -38,9 +38,21 @@ HELP_LINE = ("Type an instruction and press Enter. 'context: TEXT' attaches a co
 # loading the model: every format the trainer can start from, through the trainer's own loaders
 
 
+def check_finite(model, name):
+    """Raises fd.UserError if a weight of model is NaN/inf: a diverged run, whose sampling would fail or print '!!!!'."""
+    tensors = [t for _, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    # a sum is NaN/inf if any element is: a quick screen (~0.1 s at 124M, isfinite() alone takes ~1 s on a CPU);
+    # isfinite() then rules out a sum of finite values that overflowed
+    bad = sum(not torch.isfinite(t.sum()) and not torch.isfinite(t).all() for t in tensors)
+    if bad:
+        raise fd.UserError(f"{name} holds NaN/inf weights ({bad} of {len(tensors)} tensors; the run diverged); "
+                           f"use an earlier checkpoint")
+
+
 def model_from_finetune_checkpoint(path, ckpt):
     """A GPT from a checkpoint that fd.load_checkpoint accepted. Returns (model, description)."""
     model = fd.model_from_checkpoint(ckpt, path)
+    check_finite(model, path)
     if ckpt.get("init_source") == "random":
         print(f"note: {path} was fine-tuned from a random init, not a pretrained GPT-2; expect little sense", file=sys.stderr)
     val = f", val loss {ckpt['val_loss']:.4f}" if isinstance(ckpt.get("val_loss"), float) else ""
@@ -50,6 +62,7 @@ def model_from_finetune_checkpoint(path, ckpt):
 def load_pretrained_model(cfg):
     """fd.load_pretrained, for models that were never fine-tuned. Returns (model, description)."""
     model, source = fd.load_pretrained(cfg)
+    check_finite(model, cfg.pretrained_checkpoint)
     print(f"note: {source} is not fine-tuned on Dolly; expect it to follow the instruction template poorly", file=sys.stderr)
     return model, source
 
@@ -58,7 +71,7 @@ def load_model(checkpoint):
     """Loads a model on the CPU. checkpoint is one of: a fine-tune checkpoint (model_NNNNN.pt, model_best.pt);
     a fine-tune --log_dir (its newest loadable model_NNNNN.pt, else model_best.pt); a build-nanogpt checkpoint or
     bare state dict; a Hub name (gpt2, ...) or a Hub-layout dir. Returns (model, description).
-    Raises fd.UserError saying what is wrong with the file."""
+    Raises fd.UserError saying what is wrong with the file (also for NaN/inf weights)."""
     if checkpoint == DEFAULT_LOG_DIR and not os.path.exists(checkpoint):
         raise fd.UserError(f"no {DEFAULT_LOG_DIR}/ here to take the newest checkpoint from; fine-tune first with "
                            f"`python model/finetune_dolly.py`, run from the repo root, or pass --checkpoint PATH")

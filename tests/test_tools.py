@@ -4,6 +4,7 @@ CPU only, no downloads; the chat tests share one 2-step fine-tune of a tiny mode
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -107,6 +108,43 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import raise ImportError
     with pytest.raises(plot_loss.PlotError, match="pip install matplotlib"):
         plot_loss.plot_metrics(str(metrics))
+
+
+def test_plot_takes_a_log_dir(root, tmp_path):
+    write_metrics(tmp_path / "metrics.jsonl")
+    r = run(root, "model/plot_loss.py", str(tmp_path))  # as `python model/plot_loss.py logs_finetune`
+    assert r.returncode == 0, r.stderr
+    assert_png(tmp_path / "loss.png")  # beside the metrics.jsonl, as for the file itself
+    (tmp_path / "no_run").mkdir()
+    with pytest.raises(plot_loss.PlotError, match="no_run/ holds no metrics.jsonl"):
+        plot_loss.plot_metrics(str(tmp_path / "no_run"))
+    assert not (tmp_path / "no_run" / "loss.png").exists()
+
+
+def test_plot_format_follows_the_extension(tmp_path, capsys):
+    metrics = str(write_metrics(tmp_path / "metrics.jsonl"))
+    magic = {"x.jpg": b"\xff\xd8\xff", "x.JPEG": b"\xff\xd8\xff", "x.pdf": b"%PDF", "x.svg": b"<?xml", "x.png": PNG_MAGIC}
+    for name, head in magic.items():
+        assert plot_loss.main([metrics, "-o", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes().startswith(head), name
+    capsys.readouterr()
+    for name in ("x.xyz", "noext"):  # refused before anything is written
+        assert plot_loss.main([metrics, "-o", str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "name the output .png" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.jsonl", *magic])
+
+
+def test_plot_leaves_out_malformed_values(tmp_path):
+    """A hand-edited or foreign log: values that are not numbers (or a per-category dict) are left out, not a crash."""
+    records = [{"step": 0, "val_loss": 3.0, "val_loss_per_category": {"open_qa": 3.0}},
+               {"step": 1, "train_loss": "2.9", "val_loss": True, "val_loss_per_category": [2.9, 2.8]},
+               {"step": 2, "train_loss": 2.8, "val_loss_per_category": "open_qa"},
+               {"step": "3", "train_loss": 2.7, "val_loss": 2.6, "val_loss_per_category": {"open_qa": [1], "closed_qa": 2.5}}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert_png(plot_loss.plot_metrics(str(path)))
+    assert plot_loss._points(plot_loss.read_metrics(str(path)), "val_loss") == ([0, 3], [3.0, 2.6])
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +301,25 @@ def test_chat_errors_are_one_line_and_exit_1(tmp_path, capsys):
         assert chat.main(["--checkpoint", checkpoint, "--prompt", "hi"]) == 1
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_chat_refuses_nan_weights(tiny_run, tmp_path, capsys):
+    """A diverged run's checkpoint: one line and exit 1, not a crash in sampling (or '!!!!' when greedy)."""
+    ckpt = torch.load(os.path.join(tiny_run, "model_00002.pt"), weights_only=True)
+    next(v for k, v in ckpt["model"].items() if k.endswith("mlp.c_fc.weight")).fill_(float("nan"))
+    path = str(tmp_path / "model_00009.pt")
+    torch.save(ckpt, path)
+    for temperature in ("0.8", "0"):
+        assert chat.main(["--checkpoint", path, "--prompt", "hi", "--max_new_tokens", "3", "--temperature", temperature]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and re.fullmatch(rf"error: {re.escape(path)} holds NaN/inf weights \(1 of \d+ tensors; the run diverged\); "
+                                          r"use an earlier checkpoint\n", err), err
+    src = model_that_always_says(EOT)  # a build-nanogpt checkpoint goes through load_pretrained: checked as well
+    with torch.no_grad():
+        src.transformer.wpe.weight[0, 0] = float("inf")
+    torch.save({"model": src.state_dict(), "config": vars(src.config).copy(), "step": 19072}, str(tmp_path / "model_19072.pt"))
+    with pytest.raises(fd.UserError, match="model_19072.pt holds NaN/inf weights"):
+        chat.load_model(str(tmp_path / "model_19072.pt"))
 
 
 def test_an_empty_answer_is_explained():
