@@ -80,6 +80,8 @@ def load_model(checkpoint):
         path, ckpt = fd.find_resume_checkpoint(checkpoint)  # warns about (and skips) broken ones
         if ckpt is None:
             path = os.path.join(checkpoint, "model_best.pt")
+            if not os.path.isfile(path) and fd.list_checkpoints(checkpoint):
+                raise fd.UserError(f"none of the checkpoints in {checkpoint}/ loads (see the warnings above); pass --checkpoint PATH")
             if not os.path.isfile(path):
                 raise fd.UserError(f"no checkpoint in {checkpoint}/ (no model_NNNNN.pt or model_best.pt); fine-tune first with "
                                    f"`python model/finetune_dolly.py --log_dir {checkpoint}`, or pass --checkpoint PATH (e.g. gpt2)")

@@ -1230,7 +1230,7 @@ def refresh_plot(log_dir, runlog):
 # -----------------------------------------------------------------------------
 # the run
 
-def resolve_start(cfg, given, manifest, found=None):
+def resolve_start(cfg, given, manifest, found=None, world_size=1):
     """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text).
     found: (path, checkpoint) that rank 0 already picked and loaded."""
     path, ckpt = found or (None, None)
@@ -1241,6 +1241,10 @@ def resolve_start(cfg, given, manifest, found=None):
         except UserError as e:
             if cfg.strict_resume or not os.path.isfile(path):
                 raise UserError(f"--checkpoint_path: {e}") from None
+            if existing := list_checkpoints(cfg.log_dir):
+                raise UserError(f"--checkpoint_path: {e}; and {cfg.log_dir} holds checkpoints of an earlier run (newest "
+                                f"{os.path.basename(existing[-1][1])}) that a fresh start would overwrite: pass a checkpoint "
+                                f"that loads, or choose another --log_dir") from None
             print0(f"WARNING: {e}; falling back to the pretrained model")
             path = None
     elif ckpt is None and (cfg.auto_resume or cfg.resume):
@@ -1250,12 +1254,13 @@ def resolve_start(cfg, given, manifest, found=None):
     existing = list_checkpoints(cfg.log_dir) if ckpt is None else []
     if existing:  # a fresh run would overwrite them under the same names, and its rotation would delete them
         newest = os.path.basename(existing[-1][1])
-        if (cfg.auto_resume or cfg.resume) and not cfg.checkpoint_path:
+        if cfg.auto_resume or cfg.resume:
             raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}), but none of them loads "
                             f"(see the warnings above); to start afresh, move them out of {cfg.log_dir} or choose another --log_dir")
         raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}); a fresh start would overwrite "
                         f"them: pass --auto_resume to continue it, or choose another --log_dir")
     if ckpt is None:
+        validate_config(cfg, world_size)  # before a random init builds a model of the given shape
         model, source = load_pretrained(cfg)
         return model, cfg, None, source, f"fresh start from {source}"
     # resume: saved settings, overridden by the flags given on this command line
@@ -1277,6 +1282,8 @@ def resolve_start(cfg, given, manifest, found=None):
 
 def train(cfg, given=frozenset()):
     global _IS_MASTER
+    if cfg.dist_timeout_min < 1:  # checked before the process group, which it would break with a C++ traceback
+        raise UserError(f"invalid settings:\n  - --dist_timeout_min must be >= 1, got {cfg.dist_timeout_min}")
     rank, local_rank, world_size, device = setup_distributed(cfg)
     _IS_MASTER = rank == 0
     device_type = device.split(":")[0]
@@ -1311,7 +1318,7 @@ def train(cfg, given=frozenset()):
             if choice[0] and rank > 0:
                 found = (choice[0], load_checkpoint(choice[0]))
             found = found if choice[0] else None
-        model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found)
+        model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found, world_size)
         if ckpt is not None and rank == 0:
             # Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out
             # of rotation and auto-resume (not deleted), so a later --auto_resume cannot jump back to them.
@@ -1394,7 +1401,7 @@ def train(cfg, given=frozenset()):
                         atomic_torch_save(state, os.path.join(cfg.log_dir, name))
                     prune_checkpoints(cfg.log_dir, cfg.keep_last_n_checkpoints)
                 except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
-                    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
+                    reason = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
                     free = shutil.disk_usage(cfg.log_dir).free / 2 ** 20
                     runlog.log(f"ERROR: saving {path_names} in {cfg.log_dir} failed ({reason}; {free:,.0f} MiB free there); "
                                f"earlier checkpoints are intact")
@@ -1405,9 +1412,11 @@ def train(cfg, given=frozenset()):
                 raise UserError(f"checkpoint save failed in {cfg.log_dir}; free space or fix permissions, then rerun with --auto_resume")
 
         def diverged(step, what, lr):
-            newest = list_checkpoints(cfg.log_dir)
-            return UserError(f"training diverged at step {step} ({what}; lr {lr:.2e}); nothing was saved from it. Lower --max_lr "
-                             f"and start again" + (f", or resume from {newest[-1][1]} with --resume --checkpoint_path" if newest else ""))
+            message = (f"training diverged at step {step} ({what}; lr {lr:.2e}); nothing was saved from it. Lower --max_lr and "
+                       f"start again in a new --log_dir, or go on from an earlier checkpoint with --resume --checkpoint_path")
+            if rank == 0:
+                runlog.log(f"ERROR: {message}")
+            return UserError(message)
 
         # step 0: the model before fine-tuning
         if start_step == 0:

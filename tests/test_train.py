@@ -169,6 +169,7 @@ def test_cli_lists_invalid_values_in_one_error(data_dir, tmp_path):
     (("--total_batch_size", "-256"), "--total_batch_size must be >= 1"),
     (("--n_layer", "0"), "--n_layer, --n_embd and --block_size must be >= 1"),
     (("--n_embd", "-16", "--n_head", "1"), "--n_layer, --n_embd and --block_size must be >= 1"),
+    (("--auto_resume", "--n_embd", "-16", "--n_head", "1"), "--n_layer, --n_embd and --block_size must be >= 1"),  # first launch
     (("--max_lr", "inf"), "--max_lr inf: must be a finite number"),
     (("--num_epochs", "nan"), "--num_epochs nan: must be a finite number"),
     (("--generate_max_tokens", "0"), "--generate_max_tokens must be >= 1"),
