@@ -77,7 +77,7 @@ GOAL_SAVE = 1.2  # full checkpoint save / plain atomic torch.save
 QUICKSTART = dict(pretrained_checkpoint="none", n_layer=4, n_head=4, n_embd=128, block_size=256, sequence_length=128,
                   batch_size=8, total_batch_size=8192, max_steps=30, max_lr=2e-3, min_lr=2e-4, warmup_steps=3,
                   eval_interval=10, generate_interval=15, checkpoint_interval=10, threads=1)  # README's quick start
-TIMED = ("evaluate", "write_samples", "refresh_plot", "atomic_torch_save", "prune_checkpoints")
+TIMED = ("evaluate", "write_samples", "refresh_plot", "atomic_torch_save", "atomic_link", "prune_checkpoints")
 
 
 # -----------------------------------------------------------------------------

@@ -136,48 +136,50 @@ def parse_args(argv=None):
     return TrainConfig(**vars(args)), given
 
 
-def validate_config(cfg, world_size=1):
-    """Collects every problem with the settings, so the user fixes them in one go."""
+def validate_config(cfg, world_size=1, launch_only=False):
+    """Collects every problem with the settings, so the user fixes them in one go. launch_only: only the settings
+    of this launch (LAUNCH_FIELDS: a resume takes them from the command line, the rest from the checkpoint)."""
     problems = []
     def need(ok, msg):
         if not ok:
             problems.append(msg)
-    infinite = [f"--{k} {v}" for k, v in asdict(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
-    need(not infinite, f"{', '.join(infinite)}: must be a finite number")
-    need(cfg.max_lr > 0, f"--max_lr must be > 0, got {cfg.max_lr}")
-    need(0 <= cfg.min_lr <= cfg.max_lr, f"--min_lr must be in [0, max_lr={cfg.max_lr}], got {cfg.min_lr}")
-    need(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    need(cfg.max_steps >= 1 or cfg.num_epochs > 0, f"--max_steps must be >= 1, got {cfg.max_steps}")
-    need(cfg.num_epochs >= 0, f"--num_epochs must be >= 0, got {cfg.num_epochs}")
-    need(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")
-    need(cfg.total_batch_size >= 1, f"--total_batch_size must be >= 1, got {cfg.total_batch_size}")
-    need(cfg.sequence_length >= 1, f"--sequence_length must be >= 1, got {cfg.sequence_length}")
-    need(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
-    need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0, got {cfg.grad_clip}")
-    need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1/--beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
-    need(cfg.loss_on in ("response", "all"), f"--loss_on must be 'response' or 'all', got {cfg.loss_on!r}")
-    need(cfg.eval_interval >= 1, f"--eval_interval must be >= 1, got {cfg.eval_interval}")
-    need(cfg.generate_interval >= 0, f"--generate_interval must be >= 0, got {cfg.generate_interval}")
-    need(cfg.generate_max_tokens >= 1, f"--generate_max_tokens must be >= 1 (--generate_interval 0 turns samples off), got {cfg.generate_max_tokens}")
-    need(cfg.checkpoint_interval >= 1, f"--checkpoint_interval must be >= 1, got {cfg.checkpoint_interval}")
-    need(cfg.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints must be >= 1 (the newest is always kept), got {cfg.keep_last_n_checkpoints}")
-    need(cfg.val_tokens >= 0, f"--val_tokens must be >= 0, got {cfg.val_tokens}")
-    need(cfg.temperature >= 0 and cfg.top_k >= 0, f"--temperature and --top_k must be >= 0, got {cfg.temperature}/{cfg.top_k}")
     need(cfg.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", cfg.device), f"--device must be auto, cpu, cuda or mps, got {cfg.device!r}")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     need(cfg.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, got {cfg.compile!r}")
     need(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
     need(cfg.dist_timeout_min >= 1, f"--dist_timeout_min must be >= 1, got {cfg.dist_timeout_min}")
-    need(min(cfg.n_layer, cfg.n_embd, cfg.block_size) >= 1,
-         f"--n_layer, --n_embd and --block_size must be >= 1, got {cfg.n_layer}, {cfg.n_embd}, {cfg.block_size}")
-    need(cfg.vocab_size >= VOCAB_SIZE, f"--vocab_size must be >= {VOCAB_SIZE} (GPT-2's tokenizer), got {cfg.vocab_size}")
-    need(cfg.n_head >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
-    micro = cfg.batch_size * cfg.sequence_length * world_size
-    if micro > 0 and cfg.total_batch_size % micro != 0:
-        valid = [b for b in range(1, 129) if cfg.total_batch_size % (b * cfg.sequence_length * world_size) == 0]
-        problems.append(f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x sequence_length x processes "
-                        f"= {cfg.batch_size} x {cfg.sequence_length} x {world_size}; with these, valid --batch_size values are "
-                        f"{valid or 'none: change --total_batch_size or --sequence_length'}")
+    if not launch_only:
+        infinite = [f"--{k} {v}" for k, v in asdict(cfg).items() if isinstance(v, float) and not math.isfinite(v)]
+        need(not infinite, f"{', '.join(infinite)}: must be a finite number")
+        need(cfg.max_lr > 0, f"--max_lr must be > 0, got {cfg.max_lr}")
+        need(0 <= cfg.min_lr <= cfg.max_lr, f"--min_lr must be in [0, max_lr={cfg.max_lr}], got {cfg.min_lr}")
+        need(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
+        need(cfg.max_steps >= 1 or cfg.num_epochs > 0, f"--max_steps must be >= 1, got {cfg.max_steps}")
+        need(cfg.num_epochs >= 0, f"--num_epochs must be >= 0, got {cfg.num_epochs}")
+        need(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")
+        need(cfg.total_batch_size >= 1, f"--total_batch_size must be >= 1, got {cfg.total_batch_size}")
+        need(cfg.sequence_length >= 1, f"--sequence_length must be >= 1, got {cfg.sequence_length}")
+        need(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+        need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0, got {cfg.grad_clip}")
+        need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1/--beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
+        need(cfg.loss_on in ("response", "all"), f"--loss_on must be 'response' or 'all', got {cfg.loss_on!r}")
+        need(cfg.eval_interval >= 1, f"--eval_interval must be >= 1, got {cfg.eval_interval}")
+        need(cfg.generate_interval >= 0, f"--generate_interval must be >= 0, got {cfg.generate_interval}")
+        need(cfg.generate_max_tokens >= 1, f"--generate_max_tokens must be >= 1 (--generate_interval 0 turns samples off), got {cfg.generate_max_tokens}")
+        need(cfg.checkpoint_interval >= 1, f"--checkpoint_interval must be >= 1, got {cfg.checkpoint_interval}")
+        need(cfg.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints must be >= 1 (the newest is always kept), got {cfg.keep_last_n_checkpoints}")
+        need(cfg.val_tokens >= 0, f"--val_tokens must be >= 0, got {cfg.val_tokens}")
+        need(cfg.temperature >= 0 and cfg.top_k >= 0, f"--temperature and --top_k must be >= 0, got {cfg.temperature}/{cfg.top_k}")
+        need(min(cfg.n_layer, cfg.n_embd, cfg.block_size) >= 1,
+             f"--n_layer, --n_embd and --block_size must be >= 1, got {cfg.n_layer}, {cfg.n_embd}, {cfg.block_size}")
+        need(cfg.vocab_size >= VOCAB_SIZE, f"--vocab_size must be >= {VOCAB_SIZE} (GPT-2's tokenizer), got {cfg.vocab_size}")
+        need(cfg.n_head >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
+        micro = cfg.batch_size * cfg.sequence_length * world_size
+        if micro > 0 and cfg.total_batch_size % micro != 0:
+            valid = [b for b in range(1, 129) if cfg.total_batch_size % (b * cfg.sequence_length * world_size) == 0]
+            problems.append(f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x sequence_length x processes "
+                            f"= {cfg.batch_size} x {cfg.sequence_length} x {world_size}; with these, valid --batch_size values are "
+                            f"{valid or 'none: change --total_batch_size or --sequence_length'}")
     if problems:
         raise UserError("invalid settings:\n  - " + "\n  - ".join(problems))
 
@@ -589,6 +591,15 @@ def model_config_from_checkpoint(ckpt, sd, cfg):
 # -----------------------------------------------------------------------------
 # data: a cyclic token stream over the shards, and the per-step batches
 
+def load_shard(path):
+    """A memory-mapped .npy shard, or a UserError naming the file if it is missing or damaged."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # missing, empty, truncated (header or data) or not an .npy file
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "truncated or not a NumPy .npy file"
+    raise UserError(f"{path}: {reason}; re-run `python model/prepare_dolly.py`")
+
+
 class TokenStream:
     """The tokens of one split as one endless stream (epoch after epoch), read from memory-mapped shards.
     Each example ends with <|endoftext|>, so wrapping from the last example to the first is a clean boundary."""
@@ -597,11 +608,7 @@ class TokenStream:
         shards = manifest["splits"][split]["shards"]
         self.parts = []
         for s in shards:
-            try:
-                arrays = [np.load(os.path.join(data_dir, s[kind]), mmap_mode="r") for kind in ("tokens", "mask", "category")]
-            except (OSError, ValueError) as e:  # missing, truncated (mmap longer than the file) or not an .npy file
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:120]
-                raise UserError(f"{data_dir}/: a {split} shard cannot be read ({reason}); re-run `python model/prepare_dolly.py`") from None
+            arrays = [load_shard(os.path.join(data_dir, s[kind])) for kind in ("tokens", "mask", "category")]
             if not (len(arrays[0]) == len(arrays[1]) == len(arrays[2]) == s["num_tokens"]) or arrays[0].dtype != np.uint16:
                 raise UserError(f"{data_dir}/{s['tokens']}: shard does not match manifest.json; re-run `python model/prepare_dolly.py`")
             self.parts.append(arrays)
@@ -687,6 +694,23 @@ def val_batches(stream, B, T, max_tokens, loss_on, rank, world_size):
             yield x_all[s:s + B], y_all[s:s + B], c_all[s:s + B]
 
 
+MANIFEST_KEYS = ("source", "source_sha256", "val_fraction", "seed", "template", "categories", "splits")
+SHARD_KEYS = {"tokens", "mask", "category", "num_tokens"}
+
+
+def manifest_problem(manifest):
+    """What the trainer reads but manifest.json lacks, or None."""
+    if missing := [k for k in MANIFEST_KEYS if k not in manifest]:
+        return f"no {', '.join(missing)}"
+    for name in ("train", "val"):
+        split = manifest["splits"].get(name) if isinstance(manifest["splits"], dict) else None
+        if not (isinstance(split, dict) and isinstance(split.get("tokens"), int) and isinstance(split.get("tokens_per_category"), dict)):
+            return f"no complete {name} split"
+        if not (isinstance(split.get("shards"), list) and all(isinstance(sh, dict) and SHARD_KEYS <= sh.keys() for sh in split["shards"])):
+            return f"a {name} shard entry is incomplete"
+    return None
+
+
 def load_manifest(data_dir):
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.isfile(path):
@@ -699,15 +723,8 @@ def load_manifest(data_dir):
     if not isinstance(manifest, dict) or manifest.get("format_version") != 1 or manifest.get("tokenizer") != "gpt2" \
             or manifest.get("vocab_size") != VOCAB_SIZE:
         raise UserError(f"{path}: made by another version or tokenizer; re-run `python model/prepare_dolly.py`")
-    try:  # the parts the trainer reads
-        splits = [manifest["splits"][split] for split in ("train", "val")]
-        complete = all(k in manifest for k in ("source", "source_sha256", "val_fraction", "seed", "template", "categories")) and all(
-            isinstance(s["tokens"], int) and isinstance(s["tokens_per_category"], dict)
-            and all({"tokens", "mask", "category", "num_tokens"} <= shard.keys() for shard in s["shards"]) for s in splits)
-    except (KeyError, TypeError, AttributeError):
-        complete = False
-    if not complete:
-        raise UserError(f"{path}: incomplete or damaged; re-run `python model/prepare_dolly.py`")
+    if problem := manifest_problem(manifest):
+        raise UserError(f"{path}: incomplete or damaged ({problem}); re-run `python model/prepare_dolly.py`")
     if manifest["splits"]["train"]["tokens"] == 0:
         raise UserError(f"{data_dir}/: the train split is empty; re-run `python model/prepare_dolly.py`")
     return manifest
@@ -794,9 +811,33 @@ def atomic_torch_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_dir(path)
+
+
+def atomic_link(src, path):
+    """Makes path a second name of the file src, replacing path atomically: a hard link, which costs no time and no
+    disk (a copy where the file system has no hard links). model_best.pt on a checkpoint step is written this way."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(path)
+
+
+def fsync_dir(path):
+    """Makes a rename into path's directory durable."""
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
@@ -826,6 +867,16 @@ def model_from_checkpoint(ckpt, path):
     model = GPT(GPTConfig(**ckpt["model_config"]))
     load_state_dict_checked(model, ckpt["model"], path)
     return model
+
+
+def count_nonfinite(model):
+    """How many of model's float weights (parameters and buffers) hold a NaN/inf: a diverged run.
+    A sum is NaN/inf if any element is: the sums screen every tensor with one host sync (isfinite() on every element
+    takes ~10x longer on a CPU), then isfinite() rules out finite values whose sum overflowed."""
+    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+    return sum(1 for i in suspects if not torch.isfinite(tensors[i]).all())
 
 
 def find_resume_checkpoint(log_dir):
@@ -880,12 +931,16 @@ def pick_autocast(device_type, dtype="auto"):
     return dtype, torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
-def setup_distributed(cfg):
-    """Reads torchrun's env vars. Returns (rank, local_rank, world_size, device); one process is world_size 1."""
+def launch_ranks():
+    """(rank, local_rank, world_size) from torchrun's env vars; (0, 0, 1) for a plain `python` launch."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    else:
-        rank, local_rank, world_size = 0, 0, 1
+        return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 0, 1
+
+
+def setup_distributed(cfg):
+    """Returns (rank, local_rank, world_size, device), after joining the process group when there are several."""
+    rank, local_rank, world_size = launch_ranks()
     device = pick_device(cfg.device)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}" if world_size > 1 or device == "cuda" else device
@@ -1231,10 +1286,10 @@ def refresh_plot(log_dir, runlog):
 # the run
 
 def resolve_start(cfg, given, manifest, found=None, world_size=1):
-    """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text).
-    found: (path, checkpoint) that rank 0 already picked and loaded."""
+    """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text); the returned
+    settings are validated. found: what rank 0's scan of the log dir found for all ranks ((None, None) if nothing)."""
     path, ckpt = found or (None, None)
-    if ckpt is None and cfg.checkpoint_path:
+    if cfg.checkpoint_path:
         path = cfg.checkpoint_path
         try:
             ckpt = load_checkpoint(path)
@@ -1247,8 +1302,9 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
                                 f"that loads, or choose another --log_dir") from None
             print0(f"WARNING: {e}; falling back to the pretrained model")
             path = None
-    elif ckpt is None and (cfg.auto_resume or cfg.resume):
-        path, ckpt = find_resume_checkpoint(cfg.log_dir)
+    elif cfg.auto_resume or cfg.resume:
+        if found is None:
+            path, ckpt = find_resume_checkpoint(cfg.log_dir)
         if ckpt is None and cfg.strict_resume:
             raise UserError(f"--strict_resume: no loadable checkpoint (model_NNNNN.pt) in {cfg.log_dir}")
     existing = list_checkpoints(cfg.log_dir) if ckpt is None else []
@@ -1273,6 +1329,7 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
     bad_shape = [f"{k} {getattr(config, k)} (checkpoint) vs {getattr(cfg, k)} (command line)" for k in SHAPE_FIELDS if k in given and getattr(cfg, k) != getattr(config, k)]
     if bad_shape:
         raise UserError(f"{path}: cannot resume with a different model shape: {', '.join(bad_shape)}")
+    validate_config(TrainConfig(**merged), world_size)
     fingerprint = data_fingerprint(manifest)
     if ckpt["data_fingerprint"] != fingerprint and not cfg.allow_data_change:
         raise UserError(f"{path} was trained on other data (fingerprint {ckpt['data_fingerprint']}) than {cfg.data_dir}/ now holds "
@@ -1282,15 +1339,15 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
 
 def train(cfg, given=frozenset()):
     global _IS_MASTER
-    if cfg.dist_timeout_min < 1:  # checked before the process group, which it would break with a C++ traceback
-        raise UserError(f"invalid settings:\n  - --dist_timeout_min must be >= 1, got {cfg.dist_timeout_min}")
+    # before the process group (a bad --dist_timeout_min breaks it with a C++ traceback); on resume, the rest of the
+    # settings is checked once merged with the checkpoint's
+    resuming = cfg.auto_resume or cfg.resume or cfg.checkpoint_path
+    validate_config(cfg, launch_ranks()[2], launch_only=resuming)
     rank, local_rank, world_size, device = setup_distributed(cfg)
     _IS_MASTER = rank == 0
     device_type = device.split(":")[0]
     lock = runlog = None
     try:
-        if not (cfg.auto_resume or cfg.resume or cfg.checkpoint_path):
-            validate_config(cfg, world_size)  # on resume, the settings are checked once merged with the saved ones
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)  # every rank the same: identical init; nothing in training is random
@@ -1317,7 +1374,7 @@ def train(cfg, given=frozenset()):
             dist.broadcast_object_list(choice, src=0)
             if choice[0] and rank > 0:
                 found = (choice[0], load_checkpoint(choice[0]))
-            found = found if choice[0] else None
+            found = found if choice[0] else (None, None)  # nothing loads: the other ranks need not look again
         model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found, world_size)
         if ckpt is not None and rank == 0:
             # Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out
@@ -1327,7 +1384,6 @@ def train(cfg, given=frozenset()):
                     os.replace(path, path + ".superseded")
                     print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
                            f"{os.path.basename(path)}.superseded")
-        validate_config(cfg, world_size)
         if cfg.sequence_length > model.config.block_size:
             raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
         if model.config.vocab_size < manifest["vocab_size"]:
@@ -1397,8 +1453,10 @@ def train(cfg, given=frozenset()):
                          "prev_train_loss": prev_train_loss, "train_loader_state": loader.state_dict(), "rng": capture_rng_state(),
                          "config": asdict(cfg), "init_source": init_source, "data_fingerprint": fingerprint, "world_size": world_size}
                 try:
-                    for name in path_names:
-                        atomic_torch_save(state, os.path.join(cfg.log_dir, name))
+                    first = os.path.join(cfg.log_dir, path_names[0])
+                    atomic_torch_save(state, first)
+                    for name in path_names[1:]:  # model_best.pt on a checkpoint step: the same bytes, not serialized again
+                        atomic_link(first, os.path.join(cfg.log_dir, name))
                     prune_checkpoints(cfg.log_dir, cfg.keep_last_n_checkpoints)
                 except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
                     reason = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
@@ -1481,7 +1539,7 @@ def train(cfg, given=frozenset()):
             names = [checkpoint_name(step)] if step % cfg.checkpoint_interval == 0 or last_step or stopping else []
             if is_best:
                 names.append("model_best.pt")
-            if names and not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item():
+            if names and count_nonfinite(model):
                 raise diverged(step, "weights not finite", lr)  # e.g. a finite but huge update: no checkpoint holds them
             if names:
                 save(step, val_loss, names)

@@ -112,6 +112,26 @@ def test_checkpoint_holds_the_full_state_and_loads_weights_only(reference):
     assert [s for s, _ in fd.list_checkpoints(reference)] == [2, 4, 6] and os.path.exists(os.path.join(reference, "model_best.pt"))
     best = torch.load(os.path.join(reference, "model_best.pt"), weights_only=True)
     assert best["val_loss"] == min(m["val_loss"] for m in read_metrics(reference) if "val_loss" in m)
+    # best on a checkpoint step: the checkpoint's file under a second name (serialized once), not a second copy
+    assert os.path.samefile(os.path.join(reference, "model_best.pt"), os.path.join(reference, fd.checkpoint_name(best["step"])))
+
+
+def test_atomic_link_copies_where_there_are_no_hard_links(tmp_path, monkeypatch):
+    src, dst = tmp_path / "model_00004.pt", tmp_path / "model_best.pt"
+    src.write_bytes(b"new state")
+    dst.write_bytes(b"old best")
+    fd.atomic_link(str(src), str(dst))
+    assert os.path.samefile(src, dst)
+    src.unlink()  # rotation deletes the checkpoint: the best stays
+    assert dst.read_bytes() == b"new state"
+
+    def no_hard_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_hard_links)
+    src.write_bytes(b"newer state")
+    fd.atomic_link(str(src), str(dst))
+    assert dst.read_bytes() == b"newer state" and not os.path.samefile(src, dst)
+    assert sorted(os.listdir(tmp_path)) == ["model_00004.pt", "model_best.pt"]  # no temp file left
 
 
 def test_rotation_in_a_run_keeps_exactly_the_last_n(data_dir, tmp_path):
@@ -272,6 +292,17 @@ def test_a_diverged_run_stops_and_saves_nothing_from_it(data_dir, tmp_path, max_
     saved = [path for _, path in fd.list_checkpoints(log)] + [log / "model_best.pt"] * (log / "model_best.pt").exists()
     for path in saved:
         assert all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)["model"].values()), path
+
+
+def test_count_nonfinite_finds_nan_and_inf_but_not_a_sum_that_overflows():
+    model = fd.GPT(fd.GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    assert fd.count_nonfinite(model) == 0
+    with torch.no_grad():
+        model.lm_head.weight.fill_(3e38)  # every element finite, their sum inf
+        assert fd.count_nonfinite(model) == 0
+        model.transformer.h[0].mlp.c_fc.bias[3] = float("nan")
+        model.transformer.wpe.weight[1, 2] = -float("inf")
+    assert fd.count_nonfinite(model) == 2
 
 
 @pytest.mark.parametrize("saved_exit_code, expected", [(None, 128 + signal.SIGTERM), (fd.EXIT_PREEMPTED, fd.EXIT_PREEMPTED)])

@@ -318,3 +318,19 @@ def test_killed_rank_fails_the_launcher_and_auto_resume_recovers(constant_ref, d
     assert "resuming from" in out
     assert_same_metrics(read_metrics(log), read_metrics(constant_ref))  # redone steps logged once
     assert_same_weights(weights(log, CONSTANT_STEPS), weights(constant_ref, CONSTANT_STEPS))
+
+
+def test_two_processes_warn_once_about_each_broken_checkpoint(dolly_dir, tmp_path):
+    """Rank 0 scans the log dir for --auto_resume and tells the other ranks what it found, also when nothing loads:
+    no second scan (each warning printed twice before), and the earlier run's files stay as they were."""
+    log = tmp_path / "log"
+    log.mkdir()
+    for name in ("model_00002.pt", "model_00004.pt"):
+        (log / name).write_bytes(b"not a checkpoint")
+    r = subprocess.run(command(2, dolly_dir, log, *CONSTANT, "--max_steps", "2", "--auto_resume"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=LONG)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "none of them loads" in out, out[-5000:]
+    for name in ("model_00002.pt", "model_00004.pt"):
+        assert out.count(f"WARNING: skipping {log / name}:") == 1, out[-5000:]
+        assert (log / name).read_bytes() == b"not a checkpoint"

@@ -207,6 +207,7 @@ def drop_splits(path):
     ("dolly_train_000000.npy", truncate),
     ("dolly_train_000000.npy", overwrite(bytes(range(256)) * 16)),
     ("dolly_val_mask_000000.npy", os.remove),
+    ("dolly_val_category_000000.npy", overwrite(b"")),
     ("manifest.json", overwrite(b'{"format_version": 1, bad')),
     ("manifest.json", truncate),
     ("manifest.json", drop_splits),
@@ -218,6 +219,23 @@ def test_damaged_data_says_to_run_prepare_again(data_dir, tmp_path, name, damage
     r = run_trainer(damaged, tmp_path / "log", "--max_steps", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "python model/prepare_dolly.py" in r.stderr
+    assert name in r.stderr and "pickle" not in r.stderr  # names the damaged file, in the project's words
+
+
+def test_manifest_problem_names_the_missing_part(data_dir):
+    with open(os.path.join(data_dir, "manifest.json")) as f:
+        intact = json.load(f)
+    assert fd.manifest_problem(intact) is None
+    cases = [(lambda m: m.pop("seed"), "no seed"),
+             (lambda m: m["splits"].pop("val"), "no complete val split"),
+             (lambda m: m["splits"]["train"].update(tokens="12"), "no complete train split"),
+             (lambda m: m["splits"]["val"]["shards"][0].pop("mask"), "a val shard entry is incomplete"),
+             (lambda m: m["splits"]["train"].update(shards=None), "a train shard entry is incomplete"),
+             (lambda m: m.update(splits=[]), "no complete train split")]
+    for damage, expected in cases:
+        manifest = json.loads(json.dumps(intact))
+        damage(manifest)
+        assert fd.manifest_problem(manifest) == expected
 
 
 def test_missing_data_dir_says_to_run_prepare(tmp_path):
