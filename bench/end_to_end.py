@@ -38,7 +38,10 @@ command asks); all the rest 3.3%: write_samples 1.2% (3 x
 1.07-1.09x a plain torch.save + rename and 1.00-1.03x the same with fsync. Before the batched samples and the in-place
 evaluation loss, the shorter --max_steps 10 --interval 5 run measured 45.5% (evaluate 28.7%,
 samples 12.7%); now 33.9% (25.5%, 4.0%). A rerun later on 2026-12-01: 147.8 s vs 133.5 s, 10.7% (evaluate 9.8%, the rest 3.9%);
-a checkpoint save 1.02x a plain torch.save + rename.
+a checkpoint save 1.02x a plain torch.save + rename. Then, with model_best.pt a hard link to the checkpoint of the same
+step, on a VM with a ~1.7x lower matmul peak (one round): 247.5 s vs 234.5 s, 5.5% (within the run 13.3%: evaluate
+10.0%, atomic_torch_save 0.5% for three calls, atomic_link 0.00 s for three); a checkpoint save 1.59x a plain
+torch.save + rename and 0.81x the same with fsync (that VM's disk took ~175 ms to fsync 83 MiB).
 
 Goals (PASS/MISS; --strict exits 1 on a MISS):
     whole-run overhead <= 5% of the bare step time        full checkpoint save <= 1.2x a plain atomic torch.save
