@@ -594,10 +594,13 @@ def model_config_from_checkpoint(ckpt, sd, cfg):
 def load_shard(path):
     """A memory-mapped .npy shard, or a UserError naming the file if it is missing or damaged."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        reason = None if isinstance(array, np.ndarray) and array.ndim == 1 else "not a 1-D array"  # e.g. an .npz archive
     except (OSError, ValueError, EOFError) as e:  # missing, empty, truncated (header or data) or not an .npy file
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "truncated or not a NumPy .npy file"
-    raise UserError(f"{path}: {reason}; re-run `python model/prepare_dolly.py`")
+    if reason:
+        raise UserError(f"{path}: {reason}; re-run `python model/prepare_dolly.py`")
+    return array
 
 
 class TokenStream:
@@ -874,6 +877,8 @@ def count_nonfinite(model):
     A sum is NaN/inf if any element is: the sums screen every tensor with one host sync (isfinite() on every element
     takes ~10x longer on a CPU), then isfinite() rules out finite values whose sum overflowed."""
     tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    if not tensors:
+        return 0
     sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
     suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
     return sum(1 for i in suspects if not torch.isfinite(tensors[i]).all())
@@ -1376,14 +1381,6 @@ def train(cfg, given=frozenset()):
                 found = (choice[0], load_checkpoint(choice[0]))
             found = found if choice[0] else (None, None)  # nothing loads: the other ranks need not look again
         model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found, world_size)
-        if ckpt is not None and rank == 0:
-            # Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out
-            # of rotation and auto-resume (not deleted), so a later --auto_resume cannot jump back to them.
-            for step_n, path in list_checkpoints(cfg.log_dir):
-                if step_n > ckpt["step"]:
-                    os.replace(path, path + ".superseded")
-                    print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
-                           f"{os.path.basename(path)}.superseded")
         if cfg.sequence_length > model.config.block_size:
             raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
         if model.config.vocab_size < manifest["vocab_size"]:
@@ -1406,7 +1403,8 @@ def train(cfg, given=frozenset()):
         val_stream = TokenStream(cfg.data_dir, "val", manifest) if manifest["splits"]["val"]["tokens"] > 1 else None
         loader = DataLoader(stream, cfg.batch_size, cfg.sequence_length, grad_accum, rank, world_size, cfg.loss_on)
         start_step, best_val_loss, prev_train_loss = 0, float("inf"), None
-        if ckpt is not None:
+        resumed = ckpt is not None
+        if resumed:
             optimizer.load_state_dict(ckpt["optimizer"])
             loader.load_state_dict(ckpt["train_loader_state"], cfg.allow_data_change)
             restore_rng_state(ckpt["rng"])
@@ -1424,6 +1422,14 @@ def train(cfg, given=frozenset()):
             from torch.nn.parallel import DistributedDataParallel as DDP
             train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
 
+        if resumed and rank == 0:  # here, after the start-up checks: a start that fails renames nothing
+            # Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out
+            # of rotation and auto-resume (not deleted), so a later --auto_resume cannot jump back to them.
+            for step_n, path in list_checkpoints(cfg.log_dir):
+                if step_n > start_step:
+                    os.replace(path, path + ".superseded")
+                    print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
+                           f"{os.path.basename(path)}.superseded")
         runlog = RunLog(cfg.log_dir, start_step, cfg.max_steps) if rank == 0 else None
         stop = StopSignal()
         enc = get_tokenizer(verbose=rank == 0) if cfg.generate_interval > 0 and rank == 0 else None

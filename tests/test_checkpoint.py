@@ -390,6 +390,22 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(data_dir, tmp_pat
     assert [m["step"] for m in read_metrics(log)] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("bad", [("--sequence_length", "128"), ("--allow_data_change", "--data_dir", "DAMAGED")])
+def test_a_resume_that_fails_at_start_up_sets_nothing_aside(data_dir, tmp_path, reference, bad):
+    """The newer checkpoints are renamed only once the start-up checks have passed: a resume that then fails
+    (a sequence longer than the model's block_size, a damaged shard) leaves the log dir as it was."""
+    import shutil
+    log, damaged = tmp_path / "log", tmp_path / "data"
+    shutil.copytree(reference, log)
+    shutil.copytree(data_dir, damaged)
+    (damaged / "dolly_train_000000.npy").write_bytes(b"")
+    before = sorted(os.listdir(log))
+    r = run_trainer(data_dir, log, "--resume", "--checkpoint_path", str(log / "model_00002.pt"),
+                    *[str(damaged) if a == "DAMAGED" else a for a in bad])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert sorted(os.listdir(log)) == before
+
+
 def test_half_written_metrics_line_does_not_block_resume(data_dir, tmp_path, reference):
     """A kill during a metrics write leaves a partial last line; --auto_resume must still work."""
     import shutil
