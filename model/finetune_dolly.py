@@ -34,7 +34,7 @@ import signal
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
@@ -801,48 +801,42 @@ def prune_checkpoints(log_dir, keep):
         os.remove(path)
 
 
-def atomic_torch_save(obj, path):
-    """Writes to a temp file in the same directory, fsyncs, then renames: a crash leaves the old file or the new one."""
+@contextmanager
+def atomic_replace(path):
+    """Yields a temp path in path's directory; once the body has written and fsynced it, renames it to path and fsyncs
+    the directory: a crash leaves the old file or the new one. On an error the temp file is removed."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fsync_dir(path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_replace(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_link(src, path):
     """Makes path a second name of the file src, replacing path atomically: a hard link, which costs no time and no
     disk (a copy where the file system has no hard links). model_best.pt on a checkpoint step is written this way."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_replace(path) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(path)
-
-
-def fsync_dir(path):
-    """Makes a rename into path's directory durable."""
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path):
