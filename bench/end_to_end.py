@@ -174,11 +174,8 @@ def bare_steps(cfg_kwargs):
 # (c) a full checkpoint save against (d) a plain atomic torch.save
 
 def full_state(model, optimizer, loader, cfg, manifest, step):
-    """The dict train()'s save() writes."""
-    return {"format_version": fd.CHECKPOINT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config),
-            "optimizer": optimizer.state_dict(), "step": step, "val_loss": None, "best_val_loss": float("inf"),
-            "prev_train_loss": None, "train_loader_state": loader.state_dict(), "rng": fd.capture_rng_state(),
-            "config": asdict(cfg), "init_source": "random", "data_fingerprint": fd.data_fingerprint(manifest), "world_size": 1}
+    """The dict train()'s save_checkpoint writes."""
+    return fd.checkpoint_state(model, optimizer, loader, cfg, step, fingerprint=fd.data_fingerprint(manifest))
 
 
 def bench_save(model, optimizer, loader, cfg, manifest, rounds, tmp_root):

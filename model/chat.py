@@ -6,12 +6,14 @@ the model answers until it emits <|endoftext|>, --max_new_tokens or its block si
 same --seed and prompt give the same answer on the same machine.
 
 Run:
-    python model/chat.py                                                  # newest checkpoint in logs_finetune/, interactive
-    python model/chat.py --checkpoint logs_finetune/model_best.pt         # the checkpoint with the lowest val loss
+    python model/chat.py                                              # logs_finetune/'s model_best.pt, interactive
+    python model/chat.py --checkpoint logs_finetune/model_00006.pt    # one checkpoint in particular
     python model/chat.py --prompt "Give me three tips for a job interview." --seed 7
     python model/chat.py --prompt "Who wrote Hamlet?" --context "Hamlet is a tragedy by William Shakespeare."
-    python model/chat.py --checkpoint logs/model_19072.pt                 # build-nanogpt's model, before fine-tuning
-    python model/chat.py --checkpoint gpt2                                # OpenAI's GPT-2 (Hub name, or a downloaded dir)
+    python model/chat.py --prompt "Who wrote Hamlet?" --temperature 0           # greedy: the most likely answer
+    python model/chat.py --checkpoint logs/model_19072.pt             # build-nanogpt's model, before fine-tuning
+    python model/chat.py --checkpoint gpt2                            # OpenAI's GPT-2 (Hub name, or a downloaded dir)
+    python model/chat.py --checkpoint exported/                       # a folder model/export_hf.py wrote
 
 Interactive: type an instruction and press Enter; a line `context: TEXT` attaches a context to the next
 instruction; `quit`, Ctrl-D or Ctrl-C at the prompt exits; Ctrl-C during an answer stops that answer.
@@ -35,69 +37,23 @@ HELP_LINE = ("Type an instruction and press Enter. 'context: TEXT' attaches a co
              "'quit' or Ctrl-D exits; Ctrl-C stops an answer.")
 
 # -----------------------------------------------------------------------------
-# loading the model: every format the trainer can start from, through the trainer's own loaders
-
-
-def check_finite(model, name):
-    """Raises fd.UserError if a weight of model is NaN/inf: a diverged run, whose sampling would fail or print '!!!!'."""
-    if bad := fd.count_nonfinite(model):
-        raise fd.UserError(f"{name} holds NaN/inf weights (in {bad} tensor{'s' * (bad > 1)}; the run diverged); "
-                           f"use an earlier checkpoint")
-
-
-def model_from_finetune_checkpoint(path, ckpt):
-    """A GPT from a checkpoint that fd.load_checkpoint accepted. Returns (model, description)."""
-    model = fd.model_from_checkpoint(ckpt, path)
-    check_finite(model, path)
-    if ckpt.get("init_source") == "random":
-        print(f"note: {path} was fine-tuned from a random init, not a pretrained GPT-2; expect little sense", file=sys.stderr)
-    val = f", val loss {ckpt['val_loss']:.4f}" if isinstance(ckpt.get("val_loss"), float) else ""
-    return model, f"{path} (fine-tuned, step {ckpt['step']}{val}, from {ckpt.get('init_source', '?')})"
-
-
-def load_pretrained_model(cfg):
-    """fd.load_pretrained, for models that were never fine-tuned. Returns (model, description)."""
-    model, source = fd.load_pretrained(cfg)
-    check_finite(model, cfg.pretrained_checkpoint)
-    print(f"note: {source} is not fine-tuned on Dolly; expect it to follow the instruction template poorly", file=sys.stderr)
-    return model, source
+# loading the model: every format the trainer can start from, by the rule the export and the evaluation share
 
 
 def load_model(checkpoint):
-    """Loads a model on the CPU. checkpoint is one of: a fine-tune checkpoint (model_NNNNN.pt, model_best.pt);
-    a fine-tune --log_dir (its newest loadable model_NNNNN.pt, else model_best.pt); a build-nanogpt checkpoint or
-    bare state dict; a Hub name (gpt2, ...) or a Hub-layout dir. Returns (model, description).
-    Raises fd.UserError saying what is wrong with the file (also for NaN/inf weights)."""
+    """fd.load_model (a log dir means its model_best.pt, else its newest loadable checkpoint), with a note on
+    stderr when the model was never fine-tuned or was fine-tuned from a random init. Returns (model, description)."""
     if checkpoint == DEFAULT_LOG_DIR and not os.path.exists(checkpoint):
-        raise fd.UserError(f"no {DEFAULT_LOG_DIR}/ here to take the newest checkpoint from; fine-tune first with "
+        raise fd.UserError(f"no {DEFAULT_LOG_DIR}/ here to take the checkpoint from; fine-tune first with "
                            f"`python model/finetune_dolly.py`, run from the repo root, or pass --checkpoint PATH")
-    is_hub_dir = os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json"))
-    if os.path.isdir(checkpoint) and not is_hub_dir:
-        path, ckpt = fd.find_resume_checkpoint(checkpoint)  # warns about (and skips) broken ones
-        if ckpt is None:
-            path = os.path.join(checkpoint, "model_best.pt")
-            if not os.path.isfile(path) and fd.list_checkpoints(checkpoint):
-                raise fd.UserError(f"none of the checkpoints in {checkpoint}/ loads (see the warnings above); pass --checkpoint PATH")
-            if not os.path.isfile(path):
-                raise fd.UserError(f"no checkpoint in {checkpoint}/ (no model_NNNNN.pt or model_best.pt); fine-tune first with "
-                                   f"`python model/finetune_dolly.py --log_dir {checkpoint}`, or pass --checkpoint PATH (e.g. gpt2)")
-            ckpt = fd.load_checkpoint(path)
-        return model_from_finetune_checkpoint(path, ckpt)
-    # anything else goes through the trainer's pretrained loader; strict_resume turns its random-init fallback into an error
-    pretrained_cfg = fd.TrainConfig(pretrained_checkpoint=checkpoint, strict_resume=True)
-    if checkpoint in fd.HUB_MODELS or is_hub_dir:
-        return load_pretrained_model(pretrained_cfg)
-    if not os.path.isfile(checkpoint):
-        raise fd.UserError(f"--checkpoint {checkpoint}: no such file; pass a fine-tune checkpoint (logs_finetune/model_best.pt), "
-                           f"its log dir, a build-nanogpt checkpoint (logs/model_19072.pt) or a Hub name ({', '.join(fd.HUB_MODELS)})")
-    try:
-        return model_from_finetune_checkpoint(checkpoint, fd.load_checkpoint(checkpoint))
-    except fd.UserError as e:
-        if "not a full fine-tune checkpoint" not in str(e):
-            raise  # empty, truncated, unsafe or from another format version: the message says which
-    # a readable file without the fine-tune keys: build-nanogpt's checkpoint or a state dict. load_pretrained reads
-    # the file again; that costs a second or so next to a chat session, and keeps one loader per format.
-    return load_pretrained_model(pretrained_cfg)
+    loaded = fd.load_model(checkpoint)
+    if loaded.checkpoint is None:
+        print(f"note: {loaded.path} is not fine-tuned on Dolly; expect it to follow the instruction template poorly",
+              file=sys.stderr)
+    elif loaded.checkpoint.get("init_source") == "random":
+        print(f"note: {loaded.path} was fine-tuned from a random init, not a pretrained GPT-2; expect little sense",
+              file=sys.stderr)
+    return loaded.model, loaded.description
 
 
 # -----------------------------------------------------------------------------
@@ -197,8 +153,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a GPT-2 fine-tuned on Dolly-15k (model/finetune_dolly.py).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_LOG_DIR,
-                   help="fine-tune checkpoint (model_NNNNN.pt, model_best.pt) or its log dir (newest model_NNNNN.pt), "
-                        "build-nanogpt checkpoint, Hub name (gpt2, ...) or Hub-layout dir")
+                   help="fine-tune checkpoint (model_NNNNN.pt, model_best.pt) or its log dir (model_best.pt, else "
+                        "the newest model_NNNNN.pt), build-nanogpt checkpoint, Hub name (gpt2, ...) or Hugging Face "
+                        "folder")
     p.add_argument("--prompt", default=None, help="one instruction: print the response and exit (default: interactive)")
     p.add_argument("--context", default="", help="context for --prompt (the Dolly 'context' field)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed; the same seed and prompt give the same answer")

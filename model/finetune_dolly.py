@@ -1,17 +1,16 @@
 """
 Fine-tune a GPT-2 on the Databricks Dolly-15k instruction data (shards from model/prepare_dolly.py).
 
-The model to start from is, in this order: a fine-tune checkpoint (with --auto_resume / --resume),
-the checkpoint you pretrained with build-nanogpt's train_gpt2.py (--pretrained_checkpoint, default
-logs/model_19072.pt; a Hub name like `gpt2` works too), else a random init (with a warning).
+The model to start from is, in this order: a fine-tune checkpoint (with --auto_resume / --resume), the checkpoint
+you pretrained with build-nanogpt's train_gpt2.py (--pretrained_checkpoint, default logs/model_19072.pt; a Hub name
+like `gpt2` works too), else a random init (with a warning).
 
 Launch:
-    python model/finetune_dolly.py                                      # one process (GPU or CPU)
-    python model/finetune_dolly.py --auto_resume                        # continue after a crash or preemption
+    python model/finetune_dolly.py                                     # one process (GPU or CPU)
+    python model/finetune_dolly.py --auto_resume                       # continue after a crash or preemption
     python model/finetune_dolly.py --resume --checkpoint_path logs_finetune/model_00004.pt --max_lr 1e-5
-    torchrun --standalone --nproc_per_node=8 model/finetune_dolly.py    # one node, 8 GPUs
-    python model/finetune_dolly.py --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256 \\
-        --sequence_length 128 --batch_size 8 --total_batch_size 8192 --max_steps 30 --max_lr 2e-3 --threads 1  # tiny CPU run
+    torchrun --standalone --nproc_per_node=8 model/finetune_dolly.py   # one node, 8 GPUs
+    python model/finetune_dolly.py --config config/quickstart.json     # tiny CPU run from a random init
 
 Exit status: 0 done; 1 error, bad flag values included (one line says what to do); 2 unparsable command line;
 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with --auto_resume).
@@ -34,7 +33,7 @@ import signal
 import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
@@ -54,67 +53,81 @@ HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EXIT_ERROR, EXIT_PREEMPTED = 1, 75
 
 
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, not a traceback."""
+
+
+def flag(default, help):
+    """A TrainConfig field and its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # I/O
-    pretrained_checkpoint: str = field(default="logs/model_19072.pt", metadata={"help": "build-nanogpt checkpoint, bare state dict, Hub name (gpt2, gpt2-medium, ...) or Hub-layout dir; 'none' = random init"})
-    data_dir: str = field(default="dolly15k", metadata={"help": "shards and manifest.json from model/prepare_dolly.py"})
-    log_dir: str = field(default="logs_finetune", metadata={"help": "checkpoints, log.txt, metrics.jsonl, samples"})
+    pretrained_checkpoint: str = flag("logs/model_19072.pt", "build-nanogpt checkpoint, bare state dict, Hub name "
+                                      "(gpt2, gpt2-medium, ...) or Hugging Face folder; 'none' = random init")
+    data_dir: str = flag("dolly15k", "shards and manifest.json from model/prepare_dolly.py")
+    log_dir: str = flag("logs_finetune", "checkpoints, log.txt, metrics.jsonl, samples")
     # resume
-    auto_resume: bool = field(default=False, metadata={"help": "continue from the newest loadable checkpoint in --log_dir"})
-    resume: bool = field(default=False, metadata={"help": "resume from --checkpoint_path (or, without it, as --auto_resume)"})
-    checkpoint_path: str = field(default="", metadata={"help": "checkpoint to resume from (with --resume)"})
-    strict_resume: bool = field(default=False, metadata={"help": "turn every fallback (no checkpoint, no pretrained model) into an error"})
-    allow_data_change: bool = field(default=False, metadata={"help": "resume even though the data differs from the checkpoint's"})
+    auto_resume: bool = flag(False, "continue from the newest loadable checkpoint in --log_dir")
+    resume: bool = flag(False, "resume from --checkpoint_path (or, without it, as --auto_resume)")
+    checkpoint_path: str = flag("", "checkpoint to resume from (with --resume)")
+    strict_resume: bool = flag(False, "turn every fallback (no checkpoint, no pretrained model) into an error")
+    allow_data_change: bool = flag(False, "resume even though the data differs from the checkpoint's")
     # model shape, used only for a random init (a checkpoint brings its own)
-    n_layer: int = field(default=12, metadata={"help": "layers (random init only)"})
-    n_head: int = field(default=12, metadata={"help": "attention heads (random init only)"})
-    n_embd: int = field(default=768, metadata={"help": "embedding width (random init only)"})
-    block_size: int = field(default=1024, metadata={"help": "context length (random init only)"})
-    vocab_size: int = field(default=50304, metadata={"help": "vocabulary, >= 50257 (random init only)"})
+    n_layer: int = flag(12, "layers (random init only)")
+    n_head: int = flag(12, "attention heads (random init only)")
+    n_embd: int = flag(768, "embedding width (random init only)")
+    block_size: int = flag(1024, "context length (random init only)")
+    vocab_size: int = flag(50304, "vocabulary, >= 50257 (random init only)")
     # data and batch
-    batch_size: int = field(default=16, metadata={"help": "sequences per micro-step per process"})
-    sequence_length: int = field(default=1024, metadata={"help": "tokens per sequence, <= block_size"})
-    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step over all processes (gradient accumulation fills the rest)"})
-    loss_on: str = field(default="response", metadata={"help": "'response': loss on response tokens only; 'all': every token"})
+    batch_size: int = flag(16, "sequences per micro-step per process")
+    sequence_length: int = flag(1024, "tokens per sequence, <= block_size")
+    total_batch_size: int = flag(524288, "tokens per optimizer step over all processes (gradient accumulation "
+                                 "fills the rest)")
+    loss_on: str = flag("response", "'response': loss on response tokens only; 'all': every token")
     # optimisation and schedule
-    max_lr: float = field(default=6e-5, metadata={"help": "peak learning rate (1/10 to 1/100 of pretraining's)"})
-    min_lr: float = field(default=6e-6, metadata={"help": "learning rate at the end of the cosine decay"})
-    warmup_steps: int = field(default=1, metadata={"help": "linear warmup steps"})
-    max_steps: int = field(default=6, metadata={"help": "optimizer steps (6 x 524288 tokens is about one epoch of Dolly-15k)"})
-    num_epochs: float = field(default=0.0, metadata={"help": "if > 0, sets max_steps from the data size, e.g. 0.3, 0.5, 1"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices (not biases, LayerNorms)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
+    max_lr: float = flag(6e-5, "peak learning rate (1/10 to 1/100 of pretraining's)")
+    min_lr: float = flag(6e-6, "learning rate at the end of the cosine decay")
+    warmup_steps: int = flag(1, "linear warmup steps")
+    max_steps: int = flag(6, "optimizer steps (6 x 524288 tokens is about one epoch of Dolly-15k)")
+    num_epochs: float = flag(0.0, "if > 0, sets max_steps from the data size, e.g. 0.3, 0.5, 1")
+    weight_decay: float = flag(0.01, "AdamW weight decay on matrices (not biases, LayerNorms)")
+    beta1: float = flag(0.9, "AdamW beta1")
+    beta2: float = flag(0.95, "AdamW beta2")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
     # evaluation and samples
-    eval_interval: int = field(default=2, metadata={"help": "val loss every N steps (and at step 0 and the end)"})
-    val_tokens: int = field(default=0, metadata={"help": "evaluate on the first N val tokens (0 = the whole val split)"})
-    generate_interval: int = field(default=2, metadata={"help": "generation samples every N steps (0 = never)"})
-    generate_max_tokens: int = field(default=64, metadata={"help": "new tokens per sample"})
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (0 = greedy)"})
-    top_k: int = field(default=50, metadata={"help": "sample from the k most likely tokens (0 = all)"})
+    eval_interval: int = flag(2, "val loss every N steps (and at step 0 and the end)")
+    val_tokens: int = flag(0, "evaluate on the first N val tokens (0 = the whole val split)")
+    generate_interval: int = flag(2, "generation samples every N steps (0 = never)")
+    generate_max_tokens: int = flag(64, "new tokens per sample")
+    temperature: float = flag(0.8, "sampling temperature (0 = greedy)")
+    top_k: int = flag(50, "sample from the k most likely tokens (0 = all)")
     # checkpoints
-    checkpoint_interval: int = field(default=2, metadata={"help": "full checkpoint every N steps (and at the end)"})
-    keep_last_n_checkpoints: int = field(default=3, metadata={"help": "keep the newest N model_*.pt (model_best.pt is kept apart)"})
+    checkpoint_interval: int = flag(2, "full checkpoint every N steps (and at the end)")
+    keep_last_n_checkpoints: int = flag(3, "keep the newest N model_*.pt (model_best.pt is kept apart)")
     # system
-    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast where supported, else fp32), float32, bfloat16"})
-    compile: str = field(default="auto", metadata={"help": "torch.compile: auto (on for CUDA), on, off"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's choice; 1 is often fastest on shared 2-core boxes)"})
-    seed: int = field(default=1337, metadata={"help": "seed for init and sampling; same seed on CPU = same metrics"})
-    dist_timeout_min: int = field(default=30, metadata={"help": "minutes a process waits for the others (long enough for a 1.5B save)"})
+    device: str = flag("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
+    dtype: str = flag("auto", "auto (bf16 autocast where supported, else fp32), float32, bfloat16")
+    compile: str = flag("auto", "torch.compile: auto (on for CUDA), on, off")
+    threads: int = flag(0, "CPU threads for torch (0 = torch's choice; 1 is often fastest on shared 2-core boxes)")
+    seed: int = flag(1337, "seed for init and sampling; same seed on CPU = same metrics")
+    dist_timeout_min: int = flag(30, "minutes a process waits for the others (long enough for a 1.5B save)")
 
 
 # Fields that describe this launch (machine, resume decision), never taken from a checkpoint.
 LAUNCH_FIELDS = {"data_dir", "log_dir", "auto_resume", "resume", "checkpoint_path", "strict_resume",
-                 "allow_data_change", "device", "dtype", "compile", "threads", "dist_timeout_min", "pretrained_checkpoint"}
+                 "allow_data_change", "device", "dtype", "compile", "threads", "dist_timeout_min",
+                 "pretrained_checkpoint"}
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune GPT-2 on Dolly-15k (see README.md).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="JSON file of flag values, e.g. config/quickstart.json; "
+                   "flags on the command line win over it")
     for f in dataclasses.fields(TrainConfig):
         if f.type is bool or f.type == "bool":
             p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
@@ -123,27 +136,62 @@ def build_parser():
     return p
 
 
+def read_config_file(path):
+    """The flag values of a --config JSON file, {"field": value}; raises UserError naming what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise UserError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a JSON object of flag values, like {{\"max_steps\": 30}}")
+    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    for name, value in values.items():
+        if name not in types:
+            raise UserError(f"--config {path}: unknown setting {name!r}; `--help` lists them (without the --)")
+        kind = types[name]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name], ok = float(value), True
+        if not ok:
+            raise UserError(f"--config {path}: {name} must be {kind.__name__}, got {json.dumps(value)}")
+    return values
+
+
 def parse_args(argv=None):
-    """Returns (cfg, names of the flags given on the command line); on resume those override the saved ones."""
+    """Returns (cfg, given): given names the settings the user gave, on the command line or in a --config file.
+    On resume those win over the checkpoint's saved settings; the command line wins over the file."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    config_path = pre.parse_known_args(argv)[0].config
+    from_file = read_config_file(config_path) if config_path else {}
+    parser.set_defaults(**from_file)
+    args = vars(parser.parse_args(argv))
+    del args["config"]
     explicit = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for action in parser._actions:
-        if action.option_strings and action.dest != "help":
+        if action.option_strings and action.dest not in ("help", "config"):
             kwargs = {"action": "store_true"} if action.nargs == 0 else {"type": action.type}
             explicit.add_argument(*action.option_strings, dest=action.dest, **kwargs)
-    given = set(vars(explicit.parse_known_args(argv)[0]))
-    return TrainConfig(**vars(args)), given
+    explicit.add_argument("--config")
+    on_command_line = set(vars(explicit.parse_known_args(argv)[0])) - {"config"}
+    return TrainConfig(**args), set(from_file) | on_command_line
 
 
 def validate_config(cfg, world_size=1, launch_only=False):
     """Collects every problem with the settings, so the user fixes them in one go. launch_only: only the settings
     of this launch (LAUNCH_FIELDS: a resume takes them from the command line, the rest from the checkpoint)."""
     problems = []
+
     def need(ok, msg):
         if not ok:
             problems.append(msg)
-    need(cfg.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", cfg.device), f"--device must be auto, cpu, cuda or mps, got {cfg.device!r}")
+
+    need(cfg.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", cfg.device),
+         f"--device must be auto, cpu, cuda or mps, got {cfg.device!r}")
     need(cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     need(cfg.compile in ("auto", "on", "off"), f"--compile must be auto, on or off, got {cfg.compile!r}")
     need(cfg.threads >= 0, f"--threads must be >= 0, got {cfg.threads}")
@@ -156,43 +204,38 @@ def validate_config(cfg, world_size=1, launch_only=False):
         need(cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}")
         need(cfg.max_steps >= 1 or cfg.num_epochs > 0, f"--max_steps must be >= 1, got {cfg.max_steps}")
         need(cfg.num_epochs >= 0, f"--num_epochs must be >= 0, got {cfg.num_epochs}")
-        need(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")
-        need(cfg.total_batch_size >= 1, f"--total_batch_size must be >= 1, got {cfg.total_batch_size}")
-        need(cfg.sequence_length >= 1, f"--sequence_length must be >= 1, got {cfg.sequence_length}")
-        need(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
-        need(cfg.grad_clip >= 0, f"--grad_clip must be >= 0, got {cfg.grad_clip}")
-        need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"--beta1/--beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
+        for name in ("batch_size", "total_batch_size", "sequence_length", "eval_interval", "checkpoint_interval"):
+            need(getattr(cfg, name) >= 1, f"--{name} must be >= 1, got {getattr(cfg, name)}")
+        for name in ("weight_decay", "grad_clip", "val_tokens", "generate_interval"):
+            need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+        need(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+             f"--beta1/--beta2 must be in [0, 1), got {cfg.beta1}/{cfg.beta2}")
         need(cfg.loss_on in ("response", "all"), f"--loss_on must be 'response' or 'all', got {cfg.loss_on!r}")
-        need(cfg.eval_interval >= 1, f"--eval_interval must be >= 1, got {cfg.eval_interval}")
-        need(cfg.generate_interval >= 0, f"--generate_interval must be >= 0, got {cfg.generate_interval}")
-        need(cfg.generate_max_tokens >= 1, f"--generate_max_tokens must be >= 1 (--generate_interval 0 turns samples off), got {cfg.generate_max_tokens}")
-        need(cfg.checkpoint_interval >= 1, f"--checkpoint_interval must be >= 1, got {cfg.checkpoint_interval}")
-        need(cfg.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints must be >= 1 (the newest is always kept), got {cfg.keep_last_n_checkpoints}")
-        need(cfg.val_tokens >= 0, f"--val_tokens must be >= 0, got {cfg.val_tokens}")
-        need(cfg.temperature >= 0 and cfg.top_k >= 0, f"--temperature and --top_k must be >= 0, got {cfg.temperature}/{cfg.top_k}")
+        need(cfg.generate_max_tokens >= 1, f"--generate_max_tokens must be >= 1 (--generate_interval 0 turns "
+                                           f"samples off), got {cfg.generate_max_tokens}")
+        need(cfg.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints must be >= 1 (the newest is always kept), "
+                                               f"got {cfg.keep_last_n_checkpoints}")
+        need(cfg.temperature >= 0 and cfg.top_k >= 0,
+             f"--temperature and --top_k must be >= 0, got {cfg.temperature}/{cfg.top_k}")
         need(min(cfg.n_layer, cfg.n_embd, cfg.block_size) >= 1,
              f"--n_layer, --n_embd and --block_size must be >= 1, got {cfg.n_layer}, {cfg.n_embd}, {cfg.block_size}")
-        need(cfg.vocab_size >= VOCAB_SIZE, f"--vocab_size must be >= {VOCAB_SIZE} (GPT-2's tokenizer), got {cfg.vocab_size}")
-        need(cfg.n_head >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0, f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
+        need(cfg.vocab_size >= VOCAB_SIZE,
+             f"--vocab_size must be >= {VOCAB_SIZE} (GPT-2's tokenizer), got {cfg.vocab_size}")
+        need(cfg.n_head >= 1 and cfg.n_embd % max(cfg.n_head, 1) == 0,
+             f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
         micro = cfg.batch_size * cfg.sequence_length * world_size
         if micro > 0 and cfg.total_batch_size % micro != 0:
             valid = [b for b in range(1, 129) if cfg.total_batch_size % (b * cfg.sequence_length * world_size) == 0]
-            problems.append(f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x sequence_length x processes "
-                            f"= {cfg.batch_size} x {cfg.sequence_length} x {world_size}; with these, valid --batch_size values are "
+            problems.append(f"--total_batch_size {cfg.total_batch_size} is not a multiple of batch_size x "
+                            f"sequence_length x processes = {cfg.batch_size} x {cfg.sequence_length} x {world_size}; "
+                            f"with these, valid --batch_size values are "
                             f"{valid or 'none: change --total_batch_size or --sequence_length'}")
     if problems:
         raise UserError("invalid settings:\n  - " + "\n  - ".join(problems))
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as a message, not a traceback."""
-
-
 # -----------------------------------------------------------------------------
-# the GPT-2 model (as nanoGPT/build-nanogpt, with HF's parameter names)
-
-IGNORE_INDEX = -100  # targets that carry no loss (prompt tokens with --loss_on response)
-
+# the GPT-2 model (as nanoGPT/build-nanogpt, with Hugging Face's parameter names)
 
 @dataclass
 class GPTConfig:
@@ -223,8 +266,8 @@ class CausalSelfAttention(nn.Module):
             kv_cache[0], kv_cache[1] = k, v
         # a single new query attends to every cached position, so the causal mask is only needed when T > 1;
         # generate_batch passes its own mask (causal, and no attention to the padding of shorter prompts)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.c_proj(y)
 
 
@@ -251,138 +294,6 @@ class Block(nn.Module):
     def forward(self, x, kv_cache=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)  # pre-LN residual blocks
         return x + self.mlp(self.ln_2(x))
-
-
-class TargetCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of (h @ weight.T) against targets, computed in row chunks so the (N, vocab)
-    logits never exist at once. Gradients are formed in the forward pass, chunk by chunk
-    (d loss / d logits = softmax - onehot), so backward costs nothing and nothing large is saved.
-    With `tied` (a dict shared with this forward pass's TiedEmbedding), the weight's gradient goes there instead."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows, tied=None):
-        ctx.tied = tied
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = None  # the first chunk's product becomes it: no zero-filled (vocab, C) buffer to add into
-        rows = torch.arange(chunk_rows, device=h.device)
-        buffer = logits_buffer(h, weight, chunk_rows)
-        for s in range(0, h.size(0), chunk_rows):
-            hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
-            logits = chunk_logits(buffer, hc, weight)  # (n, V) fp32
-            picked = logits.gather(1, tc[:, None])
-            maxes = logits.amax(dim=-1, keepdim=True)
-            dlogits = logits.sub_(maxes).exp_()  # exp(logits - max), in place: one exp per logit (logsumexp made two)
-            sumexp = dlogits.sum(dim=-1, keepdim=True)
-            loss += (sumexp.log() + maxes - picked).sum()  # logsumexp - target logit
-            dlogits.div_(sumexp)  # softmax
-            dlogits[rows[:hc.size(0)], tc] -= 1
-            dlogits = dlogits.to(h.dtype)
-            grad_h[s:s + chunk_rows] = dlogits @ weight
-            if grad_w is None:
-                grad_w = (dlogits.t() @ hc).to(weight.dtype)
-            elif hc.dtype == grad_w.dtype:
-                grad_w.addmm_(dlogits.t(), hc)  # in place: no second (vocab, C) buffer per chunk
-            else:  # autocast: bf16 product, fp32 sum
-                grad_w.add_(dlogits.t() @ hc)
-        ctx.save_for_backward(grad_h, torch.zeros_like(weight) if grad_w is None else grad_w)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        # in place: grad_w is as large as the embedding and used once (a second backward through a retained graph raises)
-        grad_w = grad_w.mul_(grad_loss)
-        tied, ctx.tied = ctx.tied, None
-        if tied is not None and ctx.needs_input_grad[1]:
-            # handed to the tied embedding's backward, which runs later (it needs grad_h first), adds its part and
-            # returns the sum as the weight's one gradient
-            tied["grad_w"], grad_w = grad_w, None
-        return grad_h * grad_loss, grad_w, None, None, None
-
-
-class TiedEmbedding(torch.autograd.Function):
-    """Token embedding lookup in the output layer's (tied) weight. Autograd would sum the weight's two gradients,
-    the output layer's and this lookup's, each a (vocab, C) buffer; here the lookup adds its rows in place into the
-    output layer's gradient, handed over in `tied` by TargetCrossEntropy's backward (which runs first), and returns
-    the sum: one such buffer less at the end of backward (147 MB at 124M) and no full-size add."""
-
-    @staticmethod
-    def forward(ctx, idx, weight, tied):
-        ctx.save_for_backward(idx)
-        ctx.tied, ctx.weight_shape = tied, weight.shape
-        return F.embedding(idx, weight)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        idx, = ctx.saved_tensors
-        grad_w = ctx.tied.pop("grad_w", None)
-        if grad_w is None:  # the output layer's gradient did not come this way
-            grad_w = grad_out.new_zeros(ctx.weight_shape)
-        idx, rows = idx.reshape(-1), grad_out.reshape(-1, grad_out.size(-1)).to(grad_w.dtype)
-        # a deterministic scatter-add, as nn.Embedding's backward: on CUDA index_put_ sorts (index_add_ uses atomics),
-        # on a CPU index_add_ (index_put_ uses atomics with several threads)
-        if grad_w.is_cuda:
-            grad_w.index_put_((idx,), rows, accumulate=True)
-        else:
-            grad_w.index_add_(0, idx, rows)
-        return None, grad_w, None
-
-
-def target_positions(y):
-    """(positions, targets) of the (B, T) targets y: the flat indices b * T + t that have a target, and those targets.
-    Done on the host before y goes to a GPU: how many positions there are decides the loss's shapes, so finding them
-    on the GPU (a boolean mask) would make the CPU wait there for the device at every micro-step."""
-    y = y.reshape(-1)
-    positions = torch.nonzero(y != IGNORE_INDEX).squeeze(1)
-    return positions, y[positions]
-
-
-def logits_buffer(h, weight, chunk_rows):
-    """One fp32 (chunk rows, vocab) buffer that every chunk's logits are written into. On a CPU a fresh ~64 MB tensor
-    per chunk is fresh memory from the OS each time (too large for malloc to keep), and its page faults made the
-    output layer's matmul ~1.4x slower. (Under autocast the bf16 product is still a new tensor per chunk; on a GPU
-    the caching allocator reuses memory anyway.)"""
-    return torch.empty(min(chunk_rows, h.size(0)), weight.size(0), dtype=torch.float32, device=h.device)
-
-
-def chunk_logits(buffer, hc, weight):
-    """hc @ weight.T, as fp32, in the first len(hc) rows of buffer."""
-    out = buffer[:hc.size(0)]
-    if torch.is_autocast_enabled(hc.device.type) or hc.dtype != torch.float32 or weight.dtype != torch.float32:
-        return out.copy_(hc @ weight.t())  # autocast skips out= ops: the product in its dtype, then into the buffer
-    return torch.mm(hc, weight.t(), out=out)
-
-
-def row_losses(logits, targets):
-    """Cross-entropy of each row of logits (n, V), which it overwrites: logsumexp - the target's logit, with one exp
-    per logit and no second (n, V) buffer: ~1.6x faster than F.cross_entropy on CPU, and a whole evaluation ~1.13x."""
-    picked = logits.gather(1, targets[:, None]).squeeze(1)
-    maxes = logits.amax(dim=-1)
-    sumexp = logits.sub_(maxes[:, None]).exp_().sum(dim=-1)
-    return sumexp.log_() + maxes - picked
-
-
-def target_cross_entropy(h, weight, targets, reduction="mean", tied=None):
-    """Cross-entropy at the positions that have a target: h (N, C), targets (N,).
-    reduction: 'mean', 'sum', or 'none' (one loss per row, no gradient).
-    tied: the dict given to TiedEmbedding when weight is also the token embedding, or None."""
-    # ~64 MB of fp32 logits per chunk on CPU (each chunk reads the whole (vocab, C) weight: chunks of 4 MB were 1.8x
-    # slower); ~512 MB on a GPU, where small matmuls waste the device
-    chunk_rows = max(1, (2 ** 27 if h.is_cuda else 2 ** 24) // weight.size(0))
-    if reduction != "none" and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        loss = TargetCrossEntropy.apply(h, weight, targets, chunk_rows, tied)
-    else:
-        with torch.no_grad():
-            buffer = logits_buffer(h, weight, chunk_rows)
-            losses = torch.cat([row_losses(chunk_logits(buffer, h[s:s + chunk_rows], weight), targets[s:s + chunk_rows])
-                                for s in range(0, h.size(0), chunk_rows)]) if h.size(0) else h.new_zeros(0, dtype=torch.float32)
-        if reduction == "none":
-            return losses
-        loss = losses.sum()
-    return loss / max(1, targets.numel()) if reduction == "mean" else loss
 
 
 class GPT(nn.Module):
@@ -412,24 +323,25 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, reduction="mean"):
         """idx (B, T) token ids. Without targets: returns (logits, None), logits (B, T, vocab). With targets (B, T),
-        where IGNORE_INDEX marks positions without loss, or with (positions, targets) as target_positions gives them:
-        returns (None, loss); logits are computed only at target positions. (Generation, with its KV cache, calls
-        hidden_states itself: see generate.)"""
+        where IGNORE_INDEX marks positions without loss, or with (positions, targets) as target_positions gives
+        them: returns (None, loss); logits are computed only at target positions. (Generation, with its KV cache,
+        calls hidden_states itself: see generate.)"""
         if targets is None:
             return self.lm_head(self.hidden_states(idx)), None
         # tied weights (as GPT-2, see __init__): the output layer's weight gradient goes to the embedding's backward
         weight = self.lm_head.weight
-        tied = {} if weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled() else None
+        is_tied = weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled()
+        tied = {} if is_tied else None
         tok_emb = TiedEmbedding.apply(idx, weight, tied) if tied is not None else None
-        x = self.hidden_states(idx, tok_emb=tok_emb)
+        x = self.hidden_states(idx, tok_emb=tok_emb)  # (B, T, C)
         positions, targets = targets if isinstance(targets, tuple) else target_positions(targets)
         return None, target_cross_entropy(x.flatten(0, 1).index_select(0, positions), weight, targets, reduction, tied)
 
     def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None, tok_emb=None):
         """The transformer without the output layer: (B, T) ids -> (B, T, C) after the final LayerNorm.
-        This fixed-shape part is what --compile compiles (see train). generate_batch gives each row its own
-        positions pos (B, T) and an attention mask; training passes the token embeddings tok_emb (B, T, C),
-        looked up outside the compiled part (TiedEmbedding). Generation calls GPT.hidden_states(model, ...), the
+        This fixed-shape part is what --compile compiles (see start_run). generate_batch gives each row its own
+        positions pos (B, T) and an attention mask; training passes the token embeddings tok_emb (B, T, C), looked
+        up outside the compiled part (TiedEmbedding). Generation calls GPT.hidden_states(model, ...), the
         uncompiled one, with kv_cache (a list of [k, v] per layer, from new_kv_cache) that changes at every token."""
         B, T = idx.size()
         if pos is None:
@@ -450,36 +362,19 @@ class GPT(nn.Module):
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                 **({"fused": True} if fused else {}))
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hub, or a dir with config.json + model.safetensors."""
+        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from the Hub, or a folder in the Hugging Face
+        layout (config.json + model.safetensors, e.g. one model/export_hf.py wrote)."""
         from safetensors.torch import load_file
-        if os.path.isdir(name_or_dir):
-            config_path, weights_path = (os.path.join(name_or_dir, f) for f in ("config.json", "model.safetensors"))
-            if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
-                raise UserError(f"{name_or_dir}: expected config.json and model.safetensors (the Hugging Face layout)")
-        else:
-            from huggingface_hub import hf_hub_download
-            from prepare_dolly import hub_reachable
-            try:  # the local Hub cache first, so offline nodes with a cached copy need no network
-                config_path = hf_hub_download(name_or_dir, "config.json", local_files_only=True)
-                weights_path = hf_hub_download(name_or_dir, "model.safetensors", local_files_only=True)
-            except Exception:
-                config_path = None
-            try:
-                if config_path is None:
-                    if not hub_reachable():
-                        raise ConnectionError("huggingface.co is unreachable")
-                    config_path = hf_hub_download(name_or_dir, "config.json")
-                    weights_path = hf_hub_download(name_or_dir, "model.safetensors")
-            except Exception as e:
-                raise UserError(f"cannot fetch {name_or_dir} from the Hugging Face Hub ({type(e).__name__}); on an offline machine, "
-                                f"download it elsewhere (huggingface-cli download {name_or_dir}) and pass its directory") from None
+        config_path, weights_path = hub_files(name_or_dir)
         with open(config_path) as f:
             hf = json.load(f)
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"])
         sd = {}
         for k, v in load_file(weights_path).items():
             k = k.removeprefix("transformer.")
@@ -493,25 +388,174 @@ class GPT(nn.Module):
         return model
 
 
-def load_state_dict_checked(model, sd, source):
-    """Loads sd into model after checking every key and shape; names each mismatch."""
-    sd = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}  # nanoGPT's causal-mask buffer
-    if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
-        parts = ([f"missing keys {missing[:8]}"] if missing else []) + ([f"unexpected keys {unexpected[:8]}"] if unexpected else []) + shapes[:8]
-        raise UserError(f"{source} does not fit the GPT-2 model: " + "; ".join(parts))
-    model.load_state_dict(sd)
+HUB_FILES = ("config.json", "model.safetensors")
+
+
+def hub_files(name_or_dir):
+    """(config.json, model.safetensors) paths of a Hugging Face folder, or of a Hub model: the local Hub cache
+    first, so an offline node with a cached copy needs no network."""
+    if os.path.isdir(name_or_dir):
+        paths = tuple(os.path.join(name_or_dir, f) for f in HUB_FILES)
+        if not all(os.path.isfile(p) for p in paths):
+            raise UserError(f"{name_or_dir}: expected config.json and model.safetensors (the Hugging Face layout)")
+        return paths
+    from huggingface_hub import hf_hub_download
+    from prepare_dolly import hub_reachable
+    try:
+        return tuple(hf_hub_download(name_or_dir, f, local_files_only=True) for f in HUB_FILES)
+    except Exception:
+        pass
+    try:
+        if not hub_reachable():
+            raise ConnectionError("huggingface.co is unreachable")
+        return tuple(hf_hub_download(name_or_dir, f) for f in HUB_FILES)
+    except Exception as e:
+        raise UserError(f"cannot fetch {name_or_dir} from the Hugging Face Hub ({type(e).__name__}); on an offline "
+                        f"machine, download it elsewhere (hf download {name_or_dir}) and pass its directory") from None
 
 
 # -----------------------------------------------------------------------------
-# loading weights safely
+# the loss: cross-entropy at the target positions only, in chunks, with the tied weight's one gradient buffer
+
+IGNORE_INDEX = -100  # targets that carry no loss (prompt tokens with --loss_on response)
+
+
+class TargetCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (h @ weight.T) against targets, computed in row chunks so the (N, vocab) logits
+    never exist at once. Gradients are formed in the forward pass, chunk by chunk (d loss / d logits = softmax -
+    onehot), so backward costs nothing and nothing large is saved. With `tied` (a dict shared with this forward
+    pass's TiedEmbedding), the weight's gradient goes there instead."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, tied=None):
+        ctx.tied = tied
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = None  # the first chunk's product becomes it: no zero-filled (vocab, C) buffer to add into
+        rows = torch.arange(chunk_rows, device=h.device)
+        buffer = logits_buffer(h, weight, chunk_rows)
+        for s in range(0, h.size(0), chunk_rows):
+            hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+            logits = chunk_logits(buffer, hc, weight)  # (n, V) fp32
+            picked = logits.gather(1, tc[:, None])
+            maxes = logits.amax(dim=-1, keepdim=True)
+            dlogits = logits.sub_(maxes).exp_()  # exp(logits - max), in place: one exp per logit
+            sumexp = dlogits.sum(dim=-1, keepdim=True)
+            loss += (sumexp.log() + maxes - picked).sum()  # logsumexp - target logit
+            dlogits.div_(sumexp)  # softmax
+            dlogits[rows[:hc.size(0)], tc] -= 1
+            dlogits = dlogits.to(h.dtype)
+            grad_h[s:s + chunk_rows] = dlogits @ weight
+            if grad_w is None:
+                grad_w = (dlogits.t() @ hc).to(weight.dtype)
+            elif hc.dtype == grad_w.dtype:
+                grad_w.addmm_(dlogits.t(), hc)  # in place: no second (vocab, C) buffer per chunk
+            else:  # autocast: bf16 product, fp32 sum
+                grad_w.add_(dlogits.t() @ hc)
+        ctx.save_for_backward(grad_h, torch.zeros_like(weight) if grad_w is None else grad_w)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        # in place: grad_w is as large as the embedding and used once (a second backward through a retained graph
+        # raises)
+        grad_w = grad_w.mul_(grad_loss)
+        tied, ctx.tied = ctx.tied, None
+        if tied is not None and ctx.needs_input_grad[1]:
+            # handed to the tied embedding's backward, which runs later (it needs grad_h first), adds its part and
+            # returns the sum as the weight's one gradient
+            tied["grad_w"], grad_w = grad_w, None
+        return grad_h * grad_loss, grad_w, None, None, None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """Token embedding lookup in the output layer's (tied) weight. Autograd would sum the weight's two gradients,
+    the output layer's and this lookup's, each a (vocab, C) buffer; here the lookup adds its rows in place into the
+    output layer's gradient, handed over in `tied` by TargetCrossEntropy's backward (which runs first), and returns
+    the sum: one (vocab, C) buffer less at the end of backward, and no full-size add."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, tied):
+        ctx.save_for_backward(idx)
+        ctx.tied, ctx.weight_shape = tied, weight.shape
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        idx, = ctx.saved_tensors
+        grad_w = ctx.tied.pop("grad_w", None)
+        if grad_w is None:  # the output layer's gradient did not come this way
+            grad_w = grad_out.new_zeros(ctx.weight_shape)
+        idx, rows = idx.reshape(-1), grad_out.reshape(-1, grad_out.size(-1)).to(grad_w.dtype)
+        # a deterministic scatter-add, as nn.Embedding's backward: on CUDA index_put_ sorts (index_add_ uses
+        # atomics), on a CPU index_add_ (index_put_ uses atomics with several threads)
+        if grad_w.is_cuda:
+            grad_w.index_put_((idx,), rows, accumulate=True)
+        else:
+            grad_w.index_add_(0, idx, rows)
+        return None, grad_w, None
+
+
+def target_positions(y):
+    """(positions, targets) of the (B, T) targets y: the flat indices b * T + t that have a target, and those
+    targets. Done on the host before y goes to a GPU: how many positions there are decides the loss's shapes, so
+    finding them on the GPU (a boolean mask) would make the CPU wait there for the device at every micro-step."""
+    y = y.reshape(-1)
+    positions = torch.nonzero(y != IGNORE_INDEX).squeeze(1)
+    return positions, y[positions]
+
+
+def logits_buffer(h, weight, chunk_rows):
+    """One fp32 (chunk rows, vocab) buffer that every chunk's logits are written into. On a CPU a fresh tensor of
+    this size per chunk is fresh memory from the OS each time (too large for malloc to keep), and its page faults
+    slow the output layer's matmul. (Under autocast the bf16 product is still a new tensor per chunk; on a GPU
+    the caching allocator reuses memory anyway.)"""
+    return torch.empty(min(chunk_rows, h.size(0)), weight.size(0), dtype=torch.float32, device=h.device)
+
+
+def chunk_logits(buffer, hc, weight):
+    """hc @ weight.T, as fp32, in the first len(hc) rows of buffer."""
+    out = buffer[:hc.size(0)]
+    if torch.is_autocast_enabled(hc.device.type) or hc.dtype != torch.float32 or weight.dtype != torch.float32:
+        return out.copy_(hc @ weight.t())  # autocast skips out= ops: the product in its dtype, then into the buffer
+    return torch.mm(hc, weight.t(), out=out)
+
+
+def row_losses(logits, targets):
+    """Cross-entropy of each row of logits (n, V), which it overwrites: logsumexp - the target's logit, with one
+    exp per logit and no second (n, V) buffer (F.cross_entropy makes both a log-softmax and its exp)."""
+    picked = logits.gather(1, targets[:, None]).squeeze(1)
+    maxes = logits.amax(dim=-1)
+    sumexp = logits.sub_(maxes[:, None]).exp_().sum(dim=-1)
+    return sumexp.log_() + maxes - picked
+
+
+def target_cross_entropy(h, weight, targets, reduction="mean", tied=None):
+    """Cross-entropy at the positions that have a target: h (N, C), targets (N,).
+    reduction: 'mean', 'sum', or 'none' (one loss per row, no gradient).
+    tied: the dict given to TiedEmbedding when weight is also the token embedding, or None."""
+    # 64 MB of fp32 logits per chunk on a CPU (each chunk reads the whole (vocab, C) weight, so much smaller chunks
+    # are slower); 512 MB on a GPU, where small matmuls waste the device
+    chunk_rows = max(1, (2 ** 27 if h.is_cuda else 2 ** 24) // weight.size(0))
+    if reduction != "none" and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        loss = TargetCrossEntropy.apply(h, weight, targets, chunk_rows, tied)
+    else:
+        with torch.no_grad():
+            buffer = logits_buffer(h, weight, chunk_rows)
+            chunks = [row_losses(chunk_logits(buffer, h[s:s + chunk_rows], weight), targets[s:s + chunk_rows])
+                      for s in range(0, h.size(0), chunk_rows)]
+            losses = torch.cat(chunks) if chunks else h.new_zeros(0, dtype=torch.float32)
+        if reduction == "none":
+            return losses
+        loss = losses.sum()
+    return loss / max(1, targets.numel()) if reduction == "mean" else loss
+
+
+# -----------------------------------------------------------------------------
+# loading weights: pretrained models, build-nanogpt checkpoints, files that must not run code
 
 class _NanoGPTConfig:
     """Stand-in for build-nanogpt's GPTConfig, which its train_gpt2.py pickles as __main__.GPTConfig.
@@ -525,7 +569,7 @@ def safe_torch_load(path, map_location="cpu"):
     """torch.load that never executes arbitrary pickled code. Raises UserError for unsafe or unreadable files."""
     with open(path, "rb") as f:
         head = f.read(2)
-    if head and head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (or, in its legacy format, a pickle)
+    if head and head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy format: a pickle)
         raise UserError(f"{path}: not a PyTorch checkpoint file (torch.save writes a zip archive)")
     try:
         with torch.serialization.safe_globals([_NanoGPTConfig]):
@@ -538,10 +582,38 @@ def safe_torch_load(path, map_location="cpu"):
                         f"({detail[0][:200] if detail else 'unsafe pickle'}); only load files you trust") from None
 
 
+def strip_wrapper_prefixes(sd):
+    """A state dict without DDP's `module.` and torch.compile's `_orig_mod.` key prefixes."""
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
+
+
+def load_state_dict_checked(model, sd, source):
+    """Loads sd into model after checking every key and shape; names each mismatch."""
+    sd = strip_wrapper_prefixes(sd)
+    sd = {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}  # nanoGPT's causal-mask buffer
+    if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = ([f"missing keys {missing[:8]}"] if missing else []) + \
+                ([f"unexpected keys {unexpected[:8]}"] if unexpected else []) + shapes[:8]
+        raise UserError(f"{source} does not fit the GPT-2 model: " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+def is_hub_source(src):
+    """A Hub model name or a folder in the Hugging Face layout."""
+    return src in HUB_MODELS or (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json")))
+
+
 def load_pretrained(cfg):
     """Returns (model, init source). The guide's order after fine-tune checkpoints: pretrained file -> random init."""
     src = cfg.pretrained_checkpoint
-    if src in HUB_MODELS or (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json"))):
+    if is_hub_source(src):
         return GPT.from_pretrained(src), f"hub:{src}"
     if src.lower() not in ("", "none") and os.path.isfile(src):
         try:
@@ -554,48 +626,95 @@ def load_pretrained(cfg):
             if not isinstance(ckpt, dict):
                 raise UserError(f"{src}: expected a checkpoint dict or state dict, got {type(ckpt).__name__}")
             sd = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-            config = model_config_from_checkpoint(ckpt, sd, cfg)
-            model = GPT(config)
+            model = GPT(model_config_from_checkpoint(ckpt, sd, src))
             load_state_dict_checked(model, sd, src)
             step = f", pretrained step {ckpt['step']}" if isinstance(ckpt.get("step"), int) else ""
             return model, f"pretrained:{src}{step}"
     else:
         reason = "no such file" if src.lower() not in ("", "none") else "--pretrained_checkpoint none"
     if cfg.strict_resume and src.lower() not in ("", "none"):
-        raise UserError(f"--pretrained_checkpoint {src}: {reason} (--strict_resume forbids falling back to a random init)")
+        raise UserError(f"--pretrained_checkpoint {src}: {reason} (--strict_resume forbids falling back to a random "
+                        f"init)")
     config = GPTConfig(**{k: getattr(cfg, k) for k in SHAPE_FIELDS})
     if src.lower() not in ("", "none"):
         print0("!" * 100 + f"\nWARNING: pretrained checkpoint {src}: {reason}. Starting from a RANDOM INIT "
                f"({config.n_layer} layers, {config.n_embd} wide): fine-tuning will not give a useful model.\n"
-               f"Pass --pretrained_checkpoint PATH (build-nanogpt's logs/model_19072.pt) or --pretrained_checkpoint gpt2.\n" + "!" * 100)
+               f"Pass --pretrained_checkpoint PATH (build-nanogpt's logs/model_19072.pt) or --pretrained_checkpoint "
+               f"gpt2.\n" + "!" * 100)
     return GPT(config), "random"
 
 
-def model_config_from_checkpoint(ckpt, sd, cfg):
+def model_config_from_checkpoint(ckpt, sd, source):
     """The model shape from a checkpoint's config (build-nanogpt's dataclass, our dict) or from the tensors."""
     saved = ckpt.get("model_config") or ckpt.get("config")
     if isinstance(saved, _NanoGPTConfig):
         saved = vars(saved)
     if isinstance(saved, dict) and all(k in saved for k in SHAPE_FIELDS):
         return GPTConfig(**{k: int(saved[k]) for k in SHAPE_FIELDS})
-    sd = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
+    sd = strip_wrapper_prefixes(sd)
     try:  # a bare state dict: read the shape off the tensors; GPT-2's heads are 64 wide
         vocab, n_embd = sd["transformer.wte.weight"].shape
         n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer\.h\.(\d+)\.", k)))
         return GPTConfig(block_size=sd["transformer.wpe.weight"].shape[0], vocab_size=vocab, n_layer=n_layer,
                          n_head=max(1, n_embd // 64), n_embd=n_embd)
     except (KeyError, ValueError) as e:
-        raise UserError(f"{cfg.pretrained_checkpoint}: not a GPT-2 state dict (no {e})") from None
+        raise UserError(f"{source}: not a GPT-2 state dict (no {e})") from None
 
 
 # -----------------------------------------------------------------------------
 # data: a cyclic token stream over the shards, and the per-step batches
 
+MANIFEST_KEYS = ("source", "source_sha256", "val_fraction", "seed", "template", "categories", "splits")
+SHARD_KEYS = {"tokens", "mask", "category", "num_tokens"}
+
+
+def load_manifest(data_dir):
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise UserError(f"no prepared data in {data_dir}/ (manifest.json missing); run `python model/prepare_dolly.py` "
+                        f"first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, or not JSON (a half-copied file)
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); re-run `python model/prepare_dolly.py`") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != 1 or manifest.get("tokenizer") != "gpt2" \
+            or manifest.get("vocab_size") != VOCAB_SIZE:
+        raise UserError(f"{path}: made by another version or tokenizer; re-run `python model/prepare_dolly.py`")
+    if problem := manifest_problem(manifest):
+        raise UserError(f"{path}: incomplete or damaged ({problem}); re-run `python model/prepare_dolly.py`")
+    if manifest["splits"]["train"]["tokens"] == 0:
+        raise UserError(f"{data_dir}/: the train split is empty; re-run `python model/prepare_dolly.py`")
+    return manifest
+
+
+def manifest_problem(manifest):
+    """What the trainer reads but manifest.json lacks, or None."""
+    if missing := [k for k in MANIFEST_KEYS if k not in manifest]:
+        return f"no {', '.join(missing)}"
+    for name in ("train", "val"):
+        split = manifest["splits"].get(name) if isinstance(manifest["splits"], dict) else None
+        if not (isinstance(split, dict) and isinstance(split.get("tokens"), int)
+                and isinstance(split.get("tokens_per_category"), dict)):
+            return f"no complete {name} split"
+        shards = split.get("shards")
+        if not (isinstance(shards, list) and all(isinstance(sh, dict) and SHARD_KEYS <= sh.keys() for sh in shards)):
+            return f"a {name} shard entry is incomplete"
+    return None
+
+
+def data_fingerprint(manifest):
+    """What a checkpoint remembers of its data: the source records, the split and the tokenization."""
+    keys = ("source_sha256", "val_fraction", "seed", "template", "tokenizer")
+    parts = [manifest[k] for k in keys] + [manifest["splits"][s]["tokens"] for s in ("train", "val")]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_shard(path):
     """A memory-mapped .npy shard, or a UserError naming the file if it is missing or damaged."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-        reason = None if isinstance(array, np.ndarray) and array.ndim == 1 else "not a 1-D array"  # e.g. an .npz archive
+        reason = None if isinstance(array, np.ndarray) and array.ndim == 1 else "not a 1-D array"  # e.g. an .npz
     except (OSError, ValueError, EOFError) as e:  # missing, empty, truncated (header or data) or not an .npy file
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "truncated or not a NumPy .npy file"
     if reason:
@@ -612,8 +731,10 @@ class TokenStream:
         self.parts = []
         for s in shards:
             arrays = [load_shard(os.path.join(data_dir, s[kind])) for kind in ("tokens", "mask", "category")]
-            if not (len(arrays[0]) == len(arrays[1]) == len(arrays[2]) == s["num_tokens"]) or arrays[0].dtype != np.uint16:
-                raise UserError(f"{data_dir}/{s['tokens']}: shard does not match manifest.json; re-run `python model/prepare_dolly.py`")
+            if not (len(arrays[0]) == len(arrays[1]) == len(arrays[2]) == s["num_tokens"]) \
+                    or arrays[0].dtype != np.uint16:
+                raise UserError(f"{data_dir}/{s['tokens']}: shard does not match manifest.json; re-run "
+                                f"`python model/prepare_dolly.py`")
             self.parts.append(arrays)
         self.starts = np.cumsum([0] + [s["num_tokens"] for s in shards])
         self.num_tokens = int(self.starts[-1])
@@ -651,7 +772,7 @@ class DataLoader:
         self.position = 0
 
     def next_step(self):
-        """Returns this rank's micro-batches [(x, y), ...] and the number of target tokens in the whole step (all ranks)."""
+        """This rank's micro-batches [(x, y), ...] and the number of target tokens in the whole step (all ranks)."""
         B, T = self.B, self.T
         batches = []
         for micro_step in range(self.grad_accum):
@@ -670,7 +791,8 @@ class DataLoader:
         return batches, num_targets
 
     def state_dict(self):
-        return {"position": self.position, "tokens_per_step": self.tokens_per_step, "stream_tokens": self.stream.num_tokens}
+        return {"position": self.position, "tokens_per_step": self.tokens_per_step,
+                "stream_tokens": self.stream.num_tokens}
 
     def load_state_dict(self, state, allow_data_change=False):
         if state["stream_tokens"] != self.stream.num_tokens and not allow_data_change:
@@ -697,54 +819,12 @@ def val_batches(stream, B, T, max_tokens, loss_on, rank, world_size):
             yield x_all[s:s + B], y_all[s:s + B], c_all[s:s + B]
 
 
-MANIFEST_KEYS = ("source", "source_sha256", "val_fraction", "seed", "template", "categories", "splits")
-SHARD_KEYS = {"tokens", "mask", "category", "num_tokens"}
-
-
-def manifest_problem(manifest):
-    """What the trainer reads but manifest.json lacks, or None."""
-    if missing := [k for k in MANIFEST_KEYS if k not in manifest]:
-        return f"no {', '.join(missing)}"
-    for name in ("train", "val"):
-        split = manifest["splits"].get(name) if isinstance(manifest["splits"], dict) else None
-        if not (isinstance(split, dict) and isinstance(split.get("tokens"), int) and isinstance(split.get("tokens_per_category"), dict)):
-            return f"no complete {name} split"
-        if not (isinstance(split.get("shards"), list) and all(isinstance(sh, dict) and SHARD_KEYS <= sh.keys() for sh in split["shards"])):
-            return f"a {name} shard entry is incomplete"
-    return None
-
-
-def load_manifest(data_dir):
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise UserError(f"no prepared data in {data_dir}/ (manifest.json missing); run `python model/prepare_dolly.py` first")
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, or not JSON (a half-copied file)
-        raise UserError(f"{path}: unreadable ({type(e).__name__}); re-run `python model/prepare_dolly.py`") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != 1 or manifest.get("tokenizer") != "gpt2" \
-            or manifest.get("vocab_size") != VOCAB_SIZE:
-        raise UserError(f"{path}: made by another version or tokenizer; re-run `python model/prepare_dolly.py`")
-    if problem := manifest_problem(manifest):
-        raise UserError(f"{path}: incomplete or damaged ({problem}); re-run `python model/prepare_dolly.py`")
-    if manifest["splits"]["train"]["tokens"] == 0:
-        raise UserError(f"{data_dir}/: the train split is empty; re-run `python model/prepare_dolly.py`")
-    return manifest
-
-
-def data_fingerprint(manifest):
-    """What a checkpoint remembers of its data: the source records, the split and the tokenization."""
-    keys = ("source_sha256", "val_fraction", "seed", "template", "tokenizer")
-    parts = [manifest[k] for k in keys] + [manifest["splits"][s]["tokens"] for s in ("train", "val")]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
 # -----------------------------------------------------------------------------
-# learning rate: linear warmup, cosine decay to min_lr, then flat
+# optimisation: the learning-rate schedule and one step's gradients
 
 def get_lr(step, cfg):
-    """LR of optimizer step `step` (0-based). Positive at step 0: warmup counts from 1/warmup_steps."""
+    """LR of optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then flat. Positive at step 0:
+    warmup counts from 1/warmup_steps."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
@@ -755,9 +835,9 @@ def get_lr(step, cfg):
 
 
 def accumulate_gradients(train_model, batches, num_targets, world_size, device, autocast=nullcontext()):
-    """Forward and backward over this rank's micro-batches of one optimizer step. Returns the summed loss (detached).
-    The loss is normalised by the whole step's target count (all micro-steps, all ranks), so the gradient equals
-    one big batch's whatever the masking; x world_size undoes DDP's averaging of gradients over ranks."""
+    """Forward and backward over this rank's micro-batches of one optimizer step. Returns the summed loss
+    (detached). The loss is normalised by the whole step's target count (all micro-steps, all ranks), so the
+    gradient equals one big batch's whatever the masking; x world_size undoes DDP's averaging over ranks."""
     loss_sum = torch.zeros((), device=device)
     for micro_step, (x, y) in enumerate(batches):
         positions, targets = target_positions(y)  # on the host: no wait for the GPU in the step
@@ -774,37 +854,21 @@ def accumulate_gradients(train_model, batches, num_targets, world_size, device, 
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic writes, rotation, finding the newest good one
+# checkpoints and atomic writes
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_RE = re.compile(r"^model_(\d+)\.pt$")
-REQUIRED_KEYS = ("format_version", "model", "model_config", "optimizer", "step", "train_loader_state", "config", "data_fingerprint")
-
-
-def checkpoint_name(step):
-    return f"model_{step:05d}.pt"
-
-
-def list_checkpoints(log_dir):
-    """[(step, path)] of the model_NNNNN.pt files in log_dir, oldest first (numeric order: 10 after 9)."""
-    if not os.path.isdir(log_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(log_dir, name)) for name in os.listdir(log_dir) if (m := CHECKPOINT_RE.match(name))]
-    return sorted(found)
-
-
-def prune_checkpoints(log_dir, keep):
-    """Deletes all but the newest `keep` model_NNNNN.pt files; model_best.pt and other files are never touched."""
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1 (the newest checkpoint is always kept), got {keep}")
-    for _, path in list_checkpoints(log_dir)[:-keep]:
-        os.remove(path)
+BEST_NAME = "model_best.pt"
+REQUIRED_KEYS = ("format_version", "model", "model_config", "optimizer", "step", "train_loader_state", "config",
+                 "data_fingerprint")
+TEMP_RE = re.compile(r"\.tmp\d+$")  # the temp names atomic_replace makes (and a killed write leaves behind)
 
 
 @contextmanager
 def atomic_replace(path):
-    """Yields a temp path in path's directory; once the body has written and fsynced it, renames it to path and fsyncs
-    the directory: a crash leaves the old file or the new one. On an error the temp file is removed."""
+    """Yields a temp path in path's folder for the body to write (and fsync); then renames it to path and fsyncs
+    the folder: a crash leaves the old file or the new one, never half of one. On an error the temp file goes.
+    Every file the trainer writes goes through here."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
@@ -827,9 +891,16 @@ def atomic_torch_save(obj, path):
         os.fsync(f.fileno())
 
 
+def atomic_write_text(path, text):
+    with atomic_replace(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_link(src, path):
-    """Makes path a second name of the file src, replacing path atomically: a hard link, which costs no time and no
-    disk (a copy where the file system has no hard links). model_best.pt on a checkpoint step is written this way."""
+    """Makes path a second name of the file src, replacing path atomically: a hard link, which costs no time and
+    no disk (a copy where the file system has no hard links). model_best.pt on a checkpoint step is written so."""
     with atomic_replace(path) as tmp:
         try:
             os.link(src, tmp)
@@ -837,6 +908,45 @@ def atomic_link(src, path):
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+
+
+def remove_temp_files(folder):
+    """Deletes what killed atomic writes left in folder (names ending in .tmpPID)."""
+    for name in os.listdir(folder):
+        if TEMP_RE.search(name):
+            os.remove(os.path.join(folder, name))
+
+
+def checkpoint_name(step):
+    return f"model_{step:05d}.pt"
+
+
+def list_checkpoints(log_dir):
+    """[(step, path)] of the model_NNNNN.pt files in log_dir, oldest first (numeric order: 10 after 9)."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(log_dir, name))
+             for name in os.listdir(log_dir) if (m := CHECKPOINT_RE.match(name))]
+    return sorted(found)
+
+
+def prune_checkpoints(log_dir, keep):
+    """Deletes all but the newest `keep` model_NNNNN.pt files; model_best.pt and other files are never touched."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the newest checkpoint is always kept), got {keep}")
+    for _, path in list_checkpoints(log_dir)[:-keep]:
+        os.remove(path)
+
+
+def checkpoint_state(model, optimizer, loader, cfg, step, *, val_loss=None, best_val_loss=float("inf"),
+                     prev_train_loss=None, init_source="random", init_seed=None, fingerprint="", world_size=1):
+    """The full training state that a checkpoint holds: tensors and plain values only, so that
+    torch.load(weights_only=True) reads it."""
+    return {"format_version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config),
+            "optimizer": optimizer.state_dict(), "step": step, "val_loss": val_loss, "best_val_loss": best_val_loss,
+            "prev_train_loss": prev_train_loss, "train_loader_state": loader.state_dict(), "rng": capture_rng_state(),
+            "config": asdict(cfg), "init_source": init_source, "data_fingerprint": fingerprint,
+            "init_seed": cfg.seed if init_seed is None else init_seed, "world_size": world_size}
 
 
 def load_checkpoint(path):
@@ -850,12 +960,14 @@ def load_checkpoint(path):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"checkpoint {path}: unreadable, probably truncated ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"checkpoint {path}: unreadable, probably truncated ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path}: not a full fine-tune checkpoint (missing {', '.join(missing)})")
     if ckpt["format_version"] != CHECKPOINT_VERSION:
-        raise UserError(f"checkpoint {path}: format version {ckpt['format_version']}, this script reads {CHECKPOINT_VERSION}")
+        raise UserError(f"checkpoint {path}: format version {ckpt['format_version']}, this script reads "
+                        f"{CHECKPOINT_VERSION}")
     return ckpt
 
 
@@ -866,26 +978,27 @@ def model_from_checkpoint(ckpt, path):
     return model
 
 
-def count_nonfinite(model):
-    """How many of model's float weights (parameters and buffers) hold a NaN/inf: a diverged run.
-    A sum is NaN/inf if any element is: the sums screen every tensor with one host sync (isfinite() on every element
-    takes ~10x longer on a CPU), then isfinite() rules out finite values whose sum overflowed."""
-    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
-    if not tensors:
-        return 0
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
-    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
-    return sum(1 for i in suspects if not torch.isfinite(tensors[i]).all())
-
-
 def find_resume_checkpoint(log_dir):
-    """The newest loadable checkpoint in log_dir as (path, ckpt), skipping broken ones with a warning; (None, None) if none."""
+    """The newest loadable checkpoint in log_dir as (path, ckpt), skipping broken ones with a warning;
+    (None, None) if none loads."""
     for _, path in reversed(list_checkpoints(log_dir)):
         try:
             return path, load_checkpoint(path)
         except UserError as e:
             print0(f"WARNING: skipping {e}")
     return None, None
+
+
+def count_nonfinite(model):
+    """How many of model's float weights (parameters and buffers) hold a NaN/inf: a diverged run.
+    A sum is NaN/inf if any element is: the sums screen every tensor with one host sync (cheaper than isfinite()
+    on every element), then isfinite() rules out finite values whose sum overflowed."""
+    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    if not tensors:
+        return 0
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+    return sum(1 for i in suspects if not torch.isfinite(tensors[i]).all())
 
 
 def capture_rng_state():
@@ -906,27 +1019,128 @@ def restore_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# distributed set-up, logging, run lock, stop signals
+# one model for the tools (chat, export, eval): what a path means, and the model a run started from
+
+def pick_checkpoint(log_dir):
+    """The checkpoint of a run's log dir that the tools use, as (path, ckpt): model_best.pt (the lowest val loss,
+    the guide's pick against overfitting) when it loads, else the newest loadable model_NNNNN.pt.
+    Raises UserError when none loads."""
+    best = os.path.join(log_dir, BEST_NAME)
+    if os.path.isfile(best):
+        try:
+            return best, load_checkpoint(best)
+        except UserError as e:
+            print0(f"WARNING: skipping {e}")
+    path, ckpt = find_resume_checkpoint(log_dir)
+    if ckpt is not None:
+        return path, ckpt
+    if os.path.isfile(best) or list_checkpoints(log_dir):
+        raise UserError(f"none of the checkpoints in {log_dir}/ loads (see the warnings above); pass a checkpoint file")
+    raise UserError(f"no checkpoint in {log_dir}/ (no model_best.pt or model_NNNNN.pt); fine-tune first with "
+                    f"`python model/finetune_dolly.py --log_dir {log_dir}`, or pass a checkpoint file")
+
+
+@dataclass
+class LoadedModel:
+    model: GPT  # on the CPU, in eval mode
+    description: str  # for the user: what was loaded
+    path: str  # the file or Hub source it came from
+    checkpoint: dict | None = None  # a fine-tune checkpoint's metadata (no weights or optimizer state), else None
+
+
+def load_model(spec):
+    """Any model the tools accept: a fine-tune checkpoint; a fine-tune log dir (pick_checkpoint); a build-nanogpt
+    checkpoint or bare state dict; a Hub name (gpt2, ...) or a Hugging Face folder. Raises UserError saying what is
+    wrong with it (NaN/inf weights included)."""
+    if os.path.isdir(spec) and not is_hub_source(spec):
+        path, ckpt = pick_checkpoint(spec)
+        return loaded_finetune(path, ckpt)
+    if not is_hub_source(spec):
+        if not os.path.isfile(spec):
+            raise UserError(f"{spec}: no such file; pass a fine-tune checkpoint "
+                            f"(logs_finetune/model_best.pt), its log dir, a build-nanogpt checkpoint "
+                            f"(logs/model_19072.pt), a Hugging Face folder or a Hub name ({', '.join(HUB_MODELS)})")
+        try:
+            return loaded_finetune(spec, load_checkpoint(spec))
+        except UserError as e:
+            if "not a full fine-tune checkpoint" not in str(e):
+                raise  # empty, truncated, unsafe or from another format version: the message says which
+    # build-nanogpt's checkpoint, a state dict, a Hub model: the trainer's pretrained loader (strict: no random init)
+    model, source = load_pretrained(TrainConfig(pretrained_checkpoint=spec, strict_resume=True))
+    check_finite(model, spec)
+    return LoadedModel(model.eval(), source, spec)
+
+
+def loaded_finetune(path, ckpt):
+    model = model_from_checkpoint(ckpt, path)
+    check_finite(model, path)
+    val = f", val loss {ckpt['val_loss']:.4f}" if isinstance(ckpt.get("val_loss"), float) else ""
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
+    return LoadedModel(model.eval(), f"{path} (fine-tuned, step {ckpt['step']}{val}, from "
+                                     f"{ckpt.get('init_source', '?')})", path, meta)
+
+
+def check_finite(model, name):
+    """Raises UserError if a weight of model is NaN/inf: a diverged run, whose answers would be nonsense."""
+    if bad := count_nonfinite(model):
+        raise UserError(f"{name} holds NaN/inf weights (in {bad} tensor{'s' * (bad > 1)}; the run diverged); "
+                        f"use an earlier checkpoint")
+
+
+def start_model(ckpt, path):
+    """The model the run of a fine-tune checkpoint started from: its pretrained model loaded again, or its random
+    init rebuilt from the checkpoint's shape and seed (the same weights: see start_run). Returns (model, source)."""
+    source, config = ckpt.get("init_source", "?"), GPTConfig(**ckpt["model_config"])
+    if source == "random":
+        seed = ckpt.get("init_seed", ckpt["config"]["seed"])
+        torch.manual_seed(seed)
+        return GPT(config).eval(), f"random init (seed {seed}) of {path}"
+    kind, _, src = source.partition(":")
+    src = src.split(", pretrained step")[0]
+    if kind not in ("hub", "pretrained") or not src:
+        raise UserError(f"{path}: does not say which model its run started from (init_source {source!r})")
+    if kind == "pretrained" and not os.path.isfile(src):
+        raise UserError(f"{path} started from {src}, which is not here any more; pass that file itself")
+    model, _ = load_pretrained(TrainConfig(pretrained_checkpoint=src, strict_resume=True))
+    if model.config != config:
+        raise UserError(f"{src} is not the shape {path} was fine-tuned from ({model.config} vs {config})")
+    return model.eval(), f"{source} (the start of {path})"
+
+
+# -----------------------------------------------------------------------------
+# devices, distributed set-up, logging, the run lock, stop signals
 
 def pick_device(name):
     """'auto' -> cuda > mps > cpu; an explicit device that torch cannot use is a UserError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
+        raise UserError(f"--device {name}, but torch sees no CUDA GPU; use --device cpu or install a CUDA build of "
+                        f"torch")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps, but this torch has no Apple MPS support; use --device cpu")
     return name
 
 
+def cpu_has_amx_bf16():
+    """Only CPUs with AMX (Intel Sapphire Rapids and later) run bf16 matmuls faster than fp32; AVX512-BF16 alone
+    does not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def pick_autocast(device_type, dtype="auto"):
     """Returns (dtype name, autocast context): bf16 autocast where the hardware runs bf16 natively, else fp32."""
     if dtype == "auto":
-        native_bf16 = (device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)) or (device_type == "cpu" and cpu_has_amx_bf16())
+        native_bf16 = (device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)) \
+            or (device_type == "cpu" and cpu_has_amx_bf16())
         dtype = "bfloat16" if native_bf16 else "float32"
     elif dtype == "bfloat16" and device_type == "cpu" and not cpu_has_amx_bf16():
-        print0("WARNING: --dtype bfloat16 on a CPU without AMX: bf16 autocast is emulated and was measured ~45x slower "
-               "than float32 on such a CPU; use --dtype float32")
+        print0("WARNING: --dtype bfloat16 on a CPU without AMX: bf16 autocast is emulated there and runs many times "
+               "slower than float32; use --dtype float32")
     return dtype, torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
@@ -978,12 +1192,13 @@ class RunLog:
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
                 kept = [json.dumps(r) + "\n" for r in read_jsonl_lines(f) if 0 < start_step and r["step"] <= start_step]
-            write_text_atomic(self.metrics_path, "".join(kept))
+            atomic_write_text(self.metrics_path, "".join(kept))
         self.bar = None
         if sys.stdout.isatty():
             from tqdm import tqdm
             size = shutil.get_terminal_size()  # 80 x 24 when the terminal reports no size (tqdm would hide the bar)
-            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", file=sys.stdout, ncols=size.columns, nrows=size.lines)
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", file=sys.stdout, ncols=size.columns,
+                            nrows=size.lines)
 
     def log(self, text):
         if self.bar is not None:
@@ -1030,7 +1245,8 @@ class RunLock:
         except BlockingIOError:
             owner = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
-            raise UserError(f"{log_dir} is in use by a running fine-tune ({owner}); wait for it, stop it, or pass another --log_dir") from None
+            raise UserError(f"{log_dir} is in use by a running fine-tune ({owner}); wait for it, stop it, or pass "
+                            f"another --log_dir") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
 
@@ -1059,7 +1275,8 @@ class StopSignal:
             return
         self.requested, self.requested_at = True, time.monotonic()
         print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
-              f"(send it again, {self.REPEAT_WINDOW_S:g} s or more later, to exit at once)", file=sys.stderr, flush=True)
+              f"(send it again, {self.REPEAT_WINDOW_S:g} s or more later, to exit at once)", file=sys.stderr,
+              flush=True)
 
     def agreed(self, device):
         """True if any rank was signalled. Every rank calls this after every step, so all stop after the same one."""
@@ -1080,7 +1297,7 @@ EVAL_ROWS = 2 ** 14  # target positions whose hidden states evaluate() gathers b
 def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categories):
     """Token-weighted val loss over all ranks, overall and per category (index into the manifest's list).
     The hidden states at target positions are gathered over batches (up to EVAL_ROWS) and go through the output
-    layer together, most of an evaluation's work: in full chunks, one logits buffer (1.15x faster than per batch on a CPU).
+    layer together, most of an evaluation's work: in full chunks, into one logits buffer.
     model: the GPT itself (not a DDP wrapper); its hidden_states and lm_head are called directly."""
     model.eval()
     sums = torch.zeros(2 * (num_categories + 1), dtype=torch.float64)  # [loss sum, count] overall, then per category
@@ -1098,7 +1315,8 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
         sums[2::2] += torch.bincount(c, weights=losses, minlength=num_categories)
         sums[3::2] += torch.bincount(c, minlength=num_categories).double()
 
-    for x, y, c in val_batches(stream, cfg.batch_size, cfg.sequence_length, cfg.val_tokens, cfg.loss_on, rank, world_size):
+    batches = val_batches(stream, cfg.batch_size, cfg.sequence_length, cfg.val_tokens, cfg.loss_on, rank, world_size)
+    for x, y, c in batches:
         positions, y = target_positions(y)  # on the host, as in training
         with autocast:
             hidden.append(model.hidden_states(x.to(device)).flatten(0, 1).index_select(0, positions.to(device)))
@@ -1115,8 +1333,8 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
 
 
 @torch.no_grad()
-def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, generator=None, use_cache=True, autocast=nullcontext(),
-             on_token=None, output_layer=None):
+def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, generator=None, use_cache=True,
+             autocast=nullcontext(), on_token=None, output_layer=None):
     """Samples a continuation of prompt_tokens (list of ids) until <|endoftext|>, max_new_tokens or the block size.
     Returns the new token ids (without the EOT). temperature 0 = greedy. on_token(id), if given, is called with
     each new id as it is sampled (never the EOT), so a caller can stream the text (model/chat.py).
@@ -1151,11 +1369,10 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
 
 
 def generation_output_layer(model, autocast=nullcontext()):
-    """The output layer for generation: (B, C) last hidden states -> (B, vocab) logits. On a CPU it multiplies by a
-    (C, vocab) copy of the weight (~0.1 s at 124M): with a few rows, MKL reads that layout 1.8-2.7x
-    faster than nn.Linear's (vocab, C) (measured at C 768 and 384), and the output layer is most of the bytes a
-    small model reads per token, a third of GPT-2 124M's. On a GPU, the output layer as it is. (So on a CPU a
-    variant of lm_head with its own forward, e.g. a bias, needs its own branch here.)"""
+    """The output layer for generation: (B, C) last hidden states -> (B, vocab) logits. On a CPU it multiplies by
+    a (C, vocab) copy of the weight: with a few rows, MKL reads that layout faster than nn.Linear's (vocab, C), and
+    the output layer is most of the bytes a small model reads per token. On a GPU, the output layer as it is.
+    (So on a CPU a variant of lm_head with its own forward, e.g. a bias, needs its own branch here.)"""
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         return model.lm_head
@@ -1172,7 +1389,7 @@ def sample_next(logits, temperature, top_k, generator):
     if temperature == 0:
         return int(torch.argmax(logits))
     if top_k > 0:  # the k best and any tied with the k-th (as masking the rest to -inf keeps them): a draw among
-        # these few is ~100x cheaper than a 50,257-way one, from the same distribution
+        # these few costs far less than a 50,257-way one, from the same distribution
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         ids = torch.nonzero(logits >= kth).squeeze(1)
         return int(ids[torch.multinomial(F.softmax(logits[ids] / temperature, dim=-1), 1, generator=generator)])
@@ -1182,10 +1399,10 @@ def sample_next(logits, temperature, top_k, generator):
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, generators=None, autocast=nullcontext()):
     """generate() for several prompts (lists of ids) at once, with a generator per prompt: one forward per new
-    token for all of them, so the weights are read once per token instead of once per prompt (the quick-start
-    model's samples: 3.4x faster on a 2-core CPU). Prompts are left-padded to the longest; padding is never
-    attended to and each row counts positions from its own first token, so in fp32 each row gets the tokens
-    generate() gives it alone (under bf16 the other shapes round differently and a near-tie can go the other way)."""
+    token for all of them, so the weights are read once per token instead of once per prompt. Prompts are
+    left-padded to the longest; padding is never attended to and each row counts positions from its own first
+    token, so in fp32 each row gets the tokens generate() gives it alone (under bf16 the other shapes round
+    differently and a near-tie can go the other way)."""
     if not prompts:
         return []
     fits = [i for i, p in enumerate(prompts) if 0 < len(p) <= model.config.block_size]
@@ -1202,8 +1419,9 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, gen
     idx = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     key_ok = torch.arange(P, device=device)[None] >= pad[:, None]  # (B, P): False on padding
     # prompt pass: causal, no padding keys; a padding query sees itself only (a row of all False would give NaN)
-    mask = torch.ones(P, P, dtype=torch.bool, device=device).tril()[None] & (key_ok[:, None, :] | torch.eye(P, dtype=torch.bool, device=device))
-    pos = (torch.arange(P, device=device)[None] - pad[:, None]).clamp(min=0)
+    causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()[None]  # (1, P, P)
+    mask = causal & (key_ok[:, None, :] | torch.eye(P, dtype=torch.bool, device=device))  # (B, P, P)
+    pos = (torch.arange(P, device=device)[None] - pad[:, None]).clamp(min=0)  # (B, P)
     cache, out = model.new_kv_cache(), [[] for _ in prompts]
     output_layer = generation_output_layer(model, autocast)
     active = [True] * B
@@ -1235,14 +1453,17 @@ def write_samples(model, enc, prompts, cfg, step, device, autocast, runlog):
     lines, records = [f"---- samples at step {step} ----"], []
     prompt_tokens = [enc.encode_ordinary(format_prompt(p["instruction"], p["context"])) for p in prompts]
     fits = [i for i, tokens in enumerate(prompt_tokens) if len(tokens) < model.config.block_size]
-    generators = [torch.Generator(device=device).manual_seed(cfg.seed + 1000 * step + i) for i in fits]  # same samples after a resume
-    answers = dict(zip(fits, generate_batch(model, [prompt_tokens[i] for i in fits], cfg.generate_max_tokens, cfg.temperature,
-                                            cfg.top_k, generators, autocast)))
+    # seeded by step and prompt: the same samples after a resume
+    generators = [torch.Generator(device=device).manual_seed(cfg.seed + 1000 * step + i) for i in fits]
+    answers = generate_batch(model, [prompt_tokens[i] for i in fits], cfg.generate_max_tokens, cfg.temperature,
+                             cfg.top_k, generators, autocast)
+    answers = dict(zip(fits, answers))
     for i, p in enumerate(prompts):
         if i in answers:
             answer = enc.decode(answers[i]).strip()
         else:
-            answer = f"(prompt of {len(prompt_tokens[i])} tokens does not fit the model's {model.config.block_size}-token context)"
+            answer = (f"(prompt of {len(prompt_tokens[i])} tokens does not fit the model's "
+                      f"{model.config.block_size}-token context)")
         lines.append(f"[{p['category']}] {p['instruction'][:200]}\n>>> {answer}")
         records.append({"step": step, "category": p["category"], "instruction": p["instruction"], "answer": answer})
     runlog.log("\n".join(lines))
@@ -1250,24 +1471,23 @@ def write_samples(model, enc, prompts, cfg, step, device, autocast, runlog):
     old = []
     if os.path.exists(path):
         with open(path) as f:
-            old = [r for r in read_jsonl_lines(f) if r["step"] < step]  # answers from steps a resume redid are replaced
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in old + records))
+            old = [r for r in read_jsonl_lines(f) if r["step"] < step]  # answers of steps a resume redid: replaced
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in old + records))
     first = {r["instruction"]: r["answer"] for r in old + records if r["step"] == 0}
-    md = [f"# Samples: before fine-tuning (step 0) and at step {step}\n", f"| category | instruction | step 0 | step {step} |", "|---|---|---|---|"]
-    cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")
+    md = [f"# Samples: before fine-tuning (step 0) and at step {step}\n",
+          f"| category | instruction | step 0 | step {step} |", "|---|---|---|---|"]
+
+    def cell(text):
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
     for r in records:
-        md.append(f"| {r['category']} | {cell(r['instruction'])} | {cell(first.get(r['instruction'], '-'))} | {cell(r['answer'])} |")
-    write_text_atomic(os.path.join(cfg.log_dir, "samples.md"), "\n".join(md) + "\n")
+        md.append(f"| {r['category']} | {cell(r['instruction'])} | {cell(first.get(r['instruction'], '-'))} | "
+                  f"{cell(r['answer'])} |")
+    atomic_write_text(os.path.join(cfg.log_dir, "samples.md"), "\n".join(md) + "\n")
 
 
 def format_per_category(categories, losses):
     return " ".join(f"{c} {loss:.3f}" for c, loss in zip(categories, losses) if loss is not None)
-
-
-def write_text_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def refresh_plot(log_dir, runlog):
@@ -1282,7 +1502,23 @@ def refresh_plot(log_dir, runlog):
 
 
 # -----------------------------------------------------------------------------
-# the run
+# the run: set-up (start_run), then the loop (train)
+
+def guide_warnings(cfg, steps_per_epoch):
+    """Settings that go against the fine-tuning guide: warned about, not refused."""
+    out = []
+    if cfg.max_lr > 1e-4:
+        out.append(f"--max_lr {cfg.max_lr:g} is high for fine-tuning (guide: ~6e-5, 1/10-1/100 of pretraining's); "
+                   f"it may erase pretrained knowledge")
+    if cfg.max_steps > steps_per_epoch * 1.25:  # the guide's own default (6 steps) is ~1.1-1.2 epochs
+        out.append(f"{cfg.max_steps} steps = {cfg.max_steps / steps_per_epoch:.2f} epochs; the guide advises at most "
+                   f"~1 epoch (catastrophic forgetting)")
+    if cfg.weight_decay == 0:
+        out.append("--weight_decay 0: the guide uses 0.01 to keep weights near the pretrained ones")
+    if not 8 <= cfg.batch_size <= 32:
+        out.append(f"--batch_size {cfg.batch_size} is outside the guide's 8-32")
+    return out
+
 
 def resolve_start(cfg, given, manifest, found=None, world_size=1):
     """The guide's resume order. Returns (model, cfg, checkpoint or None, init source, decision text); the returned
@@ -1296,9 +1532,9 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
             if cfg.strict_resume or not os.path.isfile(path):
                 raise UserError(f"--checkpoint_path: {e}") from None
             if existing := list_checkpoints(cfg.log_dir):
-                raise UserError(f"--checkpoint_path: {e}; and {cfg.log_dir} holds checkpoints of an earlier run (newest "
-                                f"{os.path.basename(existing[-1][1])}) that a fresh start would overwrite: pass a checkpoint "
-                                f"that loads, or choose another --log_dir") from None
+                raise UserError(f"--checkpoint_path: {e}; and {cfg.log_dir} holds checkpoints of an earlier run "
+                                f"(newest {os.path.basename(existing[-1][1])}) that a fresh start would overwrite: "
+                                f"pass a checkpoint that loads, or choose another --log_dir") from None
             print0(f"WARNING: {e}; falling back to the pretrained model")
             path = None
     elif cfg.auto_resume or cfg.resume:
@@ -1310,185 +1546,268 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
     if existing:  # a fresh run would overwrite them under the same names, and its rotation would delete them
         newest = os.path.basename(existing[-1][1])
         if cfg.auto_resume or cfg.resume:
-            raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}), but none of them loads "
-                            f"(see the warnings above); to start afresh, move them out of {cfg.log_dir} or choose another --log_dir")
-        raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}); a fresh start would overwrite "
-                        f"them: pass --auto_resume to continue it, or choose another --log_dir")
+            raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}), but none of them "
+                            f"loads (see the warnings above); to start afresh, move them out of {cfg.log_dir} or "
+                            f"choose another --log_dir")
+        raise UserError(f"{cfg.log_dir} holds checkpoints of an earlier run (newest {newest}); a fresh start would "
+                        f"overwrite them: pass --auto_resume to continue it, or choose another --log_dir")
     if ckpt is None:
         validate_config(cfg, world_size)  # before a random init builds a model of the given shape
         model, source = load_pretrained(cfg)
         return model, cfg, None, source, f"fresh start from {source}"
-    # resume: saved settings, overridden by the flags given on this command line
+    # resume: saved settings, overridden by the ones given on this command line (or in its --config file)
     saved = ckpt["config"]
-    merged = {k: (getattr(cfg, k) if k in given or k in LAUNCH_FIELDS or k not in saved else saved[k]) for k in asdict(cfg)}
-    changed = [f"{k}: {saved[k]} -> {merged[k]}" for k in merged if k in saved and k not in LAUNCH_FIELDS and saved[k] != merged[k]]
+    merged = {k: (getattr(cfg, k) if k in given or k in LAUNCH_FIELDS or k not in saved else saved[k])
+              for k in asdict(cfg)}
+    changed = [f"{k}: {saved[k]} -> {merged[k]}" for k in merged
+               if k in saved and k not in LAUNCH_FIELDS and saved[k] != merged[k]]
     if changed:
         print0("resume: command-line values override the checkpoint's: " + ", ".join(changed))
     config = GPTConfig(**ckpt["model_config"])
-    bad_shape = [f"{k} {getattr(config, k)} (checkpoint) vs {getattr(cfg, k)} (command line)" for k in SHAPE_FIELDS if k in given and getattr(cfg, k) != getattr(config, k)]
+    bad_shape = [f"{k} {getattr(config, k)} (checkpoint) vs {getattr(cfg, k)} (command line)"
+                 for k in SHAPE_FIELDS if k in given and getattr(cfg, k) != getattr(config, k)]
     if bad_shape:
         raise UserError(f"{path}: cannot resume with a different model shape: {', '.join(bad_shape)}")
     validate_config(TrainConfig(**merged), world_size)
     fingerprint = data_fingerprint(manifest)
     if ckpt["data_fingerprint"] != fingerprint and not cfg.allow_data_change:
-        raise UserError(f"{path} was trained on other data (fingerprint {ckpt['data_fingerprint']}) than {cfg.data_dir}/ now holds "
-                        f"({fingerprint}, source {manifest['source']}); re-run prepare_dolly.py as before, or pass --allow_data_change")
-    return model_from_checkpoint(ckpt, path), TrainConfig(**merged), ckpt, ckpt.get("init_source", "?"), f"resuming from {path} at step {ckpt['step']}"
+        raise UserError(f"{path} was trained on other data (fingerprint {ckpt['data_fingerprint']}) than "
+                        f"{cfg.data_dir}/ now holds ({fingerprint}, source {manifest['source']}); re-run "
+                        f"prepare_dolly.py as before, or pass --allow_data_change")
+    return (model_from_checkpoint(ckpt, path), TrainConfig(**merged), ckpt, ckpt.get("init_source", "?"),
+            f"resuming from {path} at step {ckpt['step']}")
 
 
-def train(cfg, given=frozenset()):
+def open_log_dir(log_dir):
+    """Creates the log dir, takes its lock and removes temp files of writes that were killed; rank 0 only."""
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        lock = RunLock(log_dir)
+    except OSError as e:
+        raise UserError(f"--log_dir {log_dir}: cannot write there ({e.strerror}); choose a writable "
+                        f"directory") from None
+    remove_temp_files(log_dir)
+    return lock
+
+
+def scan_for_resume(cfg, rank, world_size):
+    """With several processes, rank 0 picks the checkpoint to resume from and every rank then reads that file:
+    (path, ckpt), or (None, None) when none loads. None where resolve_start scans itself."""
+    if world_size == 1 or not (cfg.auto_resume or cfg.resume) or cfg.checkpoint_path:
+        return None
+    found = find_resume_checkpoint(cfg.log_dir) if rank == 0 else (None, None)
+    choice = [found[0]]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] and rank > 0:
+        found = (choice[0], load_checkpoint(choice[0]))
+    return found if choice[0] else (None, None)  # nothing loads: the other ranks need not look again
+
+
+def set_aside_newer_checkpoints(log_dir, start_step):
+    """Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out of
+    rotation and auto-resume (not deleted), so a later --auto_resume cannot jump back to them."""
+    for step, path in list_checkpoints(log_dir):
+        if step > start_step:
+            os.replace(path, path + ".superseded")
+            print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
+                   f"{os.path.basename(path)}.superseded")
+
+
+@dataclass
+class Run:
+    """What start_run sets up for the loop in train()."""
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    device: str
+    autocast: object  # the autocast context of the forward passes (or a nullcontext)
+    model: GPT  # the model itself: saved, evaluated, sampled
+    train_model: nn.Module  # what the training step calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    val_stream: TokenStream | None  # None when the val split is empty
+    manifest: dict
+    fingerprint: str  # of the data, kept in every checkpoint
+    init_source: str  # where the weights first came from
+    init_seed: int  # the seed of the run's first start (what a random init was drawn with)
+    log: RunLog | None  # rank 0 only
+    enc: object | None  # the tokenizer for samples, rank 0 only
+    stop: StopSignal
+    start_step: int = 0
+    best_val_loss: float = float("inf")
+    prev_train_loss: float | None = None  # train loss at the last evaluation (the guide's overfitting check)
+
+
+def start_run(cfg, given, cleanup):
+    """Everything before the first step: process group, log dir and lock, data, model (the guide's resume order),
+    optimizer and loader state, compile and DDP, the start-up summary. Registers in cleanup (an ExitStack) what
+    train() must undo whatever happens later."""
     global _IS_MASTER
-    # before the process group (a bad --dist_timeout_min breaks it with a C++ traceback); on resume, the rest of the
-    # settings is checked once merged with the checkpoint's
+    # validated before the process group, which a bad value would break with a C++ traceback; on resume, the rest
+    # of the settings is checked once merged with the checkpoint's
     resuming = cfg.auto_resume or cfg.resume or cfg.checkpoint_path
     validate_config(cfg, launch_ranks()[2], launch_only=resuming)
     rank, local_rank, world_size, device = setup_distributed(cfg)
+    if dist.is_initialized():
+        cleanup.callback(dist.destroy_process_group)
     _IS_MASTER = rank == 0
     device_type = device.split(":")[0]
-    lock = runlog = None
-    try:
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)  # every rank the same: identical init; nothing in training is random
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        manifest = load_manifest(cfg.data_dir)
-        if rank == 0:
-            try:
-                os.makedirs(cfg.log_dir, exist_ok=True)
-                lock = RunLock(cfg.log_dir)
-            except OSError as e:
-                raise UserError(f"--log_dir {cfg.log_dir}: cannot write there ({e.strerror}); choose a writable directory") from None
-            for name in os.listdir(cfg.log_dir):  # temp files of a checkpoint save or a loss.png that was killed half-way
-                if re.search(r"\.(pt|png)\.tmp\d+$", name):
-                    os.remove(os.path.join(cfg.log_dir, name))
-        if world_size > 1:
-            dist.barrier()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # every rank the same: identical init; nothing in training is random
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    manifest = load_manifest(cfg.data_dir)
+    if rank == 0:
+        cleanup.callback(open_log_dir(cfg.log_dir).release)
+    if world_size > 1:
+        dist.barrier()
 
-        # rank 0 picks the checkpoint; every rank then reads the same file
-        found = None
-        if world_size > 1 and (cfg.auto_resume or cfg.resume) and not cfg.checkpoint_path:
-            found = find_resume_checkpoint(cfg.log_dir) if rank == 0 else (None, None)
-            choice = [found[0]]
-            dist.broadcast_object_list(choice, src=0)
-            if choice[0] and rank > 0:
-                found = (choice[0], load_checkpoint(choice[0]))
-            found = found if choice[0] else (None, None)  # nothing loads: the other ranks need not look again
-        model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found, world_size)
-        if cfg.sequence_length > model.config.block_size:
-            raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
-        if model.config.vocab_size < manifest["vocab_size"]:
-            raise UserError(f"the model's vocab_size {model.config.vocab_size} < the data's {manifest['vocab_size']} (GPT-2 tokenizer)")
-        model.to(device)
+    found = scan_for_resume(cfg, rank, world_size)
+    model, cfg, ckpt, init_source, decision = resolve_start(cfg, given, manifest, found, world_size)
+    if cfg.sequence_length > model.config.block_size:
+        raise UserError(f"--sequence_length {cfg.sequence_length} > the model's block_size {model.config.block_size}")
+    if model.config.vocab_size < manifest["vocab_size"]:
+        raise UserError(f"the model's vocab_size {model.config.vocab_size} < the data's {manifest['vocab_size']} "
+                        f"(GPT-2 tokenizer)")
+    model.to(device)
 
-        # derived sizes
-        grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.sequence_length * world_size)
-        train_tokens = manifest["splits"]["train"]["tokens"]
-        steps_per_epoch = train_tokens / cfg.total_batch_size
-        if cfg.num_epochs > 0:
-            cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * steps_per_epoch)))
-        dtype, autocast = pick_autocast(device_type, cfg.dtype)
-        if device_type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+    grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.sequence_length * world_size)
+    steps_per_epoch = manifest["splits"]["train"]["tokens"] / cfg.total_batch_size
+    if cfg.num_epochs > 0:
+        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * steps_per_epoch)))
+    dtype, autocast = pick_autocast(device_type, cfg.dtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
-        optimizer = model.configure_optimizer(cfg, device_type)
-        stream = TokenStream(cfg.data_dir, "train", manifest)
-        val_stream = TokenStream(cfg.data_dir, "val", manifest) if manifest["splits"]["val"]["tokens"] > 1 else None
-        loader = DataLoader(stream, cfg.batch_size, cfg.sequence_length, grad_accum, rank, world_size, cfg.loss_on)
-        start_step, best_val_loss, prev_train_loss = 0, float("inf"), None
-        resumed = ckpt is not None
-        if resumed:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            loader.load_state_dict(ckpt["train_loader_state"], cfg.allow_data_change)
-            restore_rng_state(ckpt["rng"])
-            start_step, prev_train_loss = ckpt["step"], ckpt.get("prev_train_loss")
-            best_val_loss = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else float("inf")
-        del ckpt
+    optimizer = model.configure_optimizer(cfg, device_type)
+    stream = TokenStream(cfg.data_dir, "train", manifest)
+    val_stream = TokenStream(cfg.data_dir, "val", manifest) if manifest["splits"]["val"]["tokens"] > 1 else None
+    loader = DataLoader(stream, cfg.batch_size, cfg.sequence_length, grad_accum, rank, world_size, cfg.loss_on)
+    run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, autocast=autocast, model=model,
+              train_model=model, optimizer=optimizer, loader=loader, val_stream=val_stream, manifest=manifest,
+              fingerprint=data_fingerprint(manifest), init_source=init_source, init_seed=cfg.seed, log=None, enc=None,
+              stop=None)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["train_loader_state"], cfg.allow_data_change)
+        restore_rng_state(ckpt["rng"])
+        run.start_step, run.prev_train_loss = ckpt["step"], ckpt.get("prev_train_loss")
+        run.best_val_loss = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else float("inf")
+        run.init_seed = ckpt.get("init_seed", ckpt["config"]["seed"])
 
-        train_model = model
-        compiled = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
-        if compiled:
-            # Only the transformer body: the loss picks a different number of target positions every batch,
-            # which would make a compiled whole model recompile at every step.
-            model.hidden_states = torch.compile(model.hidden_states)
-        if world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None)
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
+    if compiled:
+        # Only the transformer body: the loss picks a different number of target positions every batch,
+        # which would make a compiled whole model recompile at every step.
+        model.hidden_states = torch.compile(model.hidden_states)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        run.train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-        if resumed and rank == 0:  # here, after the start-up checks: a start that fails renames nothing
-            # Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out
-            # of rotation and auto-resume (not deleted), so a later --auto_resume cannot jump back to them.
-            for step_n, path in list_checkpoints(cfg.log_dir):
-                if step_n > start_step:
-                    os.replace(path, path + ".superseded")
-                    print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
-                           f"{os.path.basename(path)}.superseded")
-        runlog = RunLog(cfg.log_dir, start_step, cfg.max_steps) if rank == 0 else None
-        stop = StopSignal()
-        enc = get_tokenizer(verbose=rank == 0) if cfg.generate_interval > 0 and rank == 0 else None
-        n_params = sum(p.numel() for p in model.parameters())
-        categories = manifest["categories"]
-        if rank == 0:
-            runlog.log(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
-            runlog.log(f"device {device} x {world_size} process(es) | dtype {dtype} | compile {compiled} | "
-                       f"model {n_params / 1e6:.2f}M params {asdict(model.config)} from {init_source}")
-            runlog.log(f"data {cfg.data_dir}: {train_tokens:,} train tokens, {manifest['splits']['val']['tokens']:,} val tokens "
-                       f"({manifest['source']}) | {cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {cfg.sequence_length} "
-                       f"x {grad_accum} accum x {world_size} procs | {steps_per_epoch:.2f} steps/epoch | {cfg.max_steps} steps "
-                       f"= {cfg.max_steps / steps_per_epoch:.2f} epochs")
-            per_category = {c: sum(manifest["splits"][sp]["tokens_per_category"].get(c, 0) for sp in ("train", "val")) for c in categories}
-            runlog.log("tokens per category (train + val): " + ", ".join(f"{c} {n:,}" for c, n in per_category.items()))
-            for warning in guide_warnings(cfg, steps_per_epoch):
-                runlog.log(f"WARNING (guide): {warning}")
-        fingerprint = data_fingerprint(manifest)
-        prompts = manifest.get("sample_prompts", [])
+    if ckpt is not None and rank == 0:  # here, after the start-up checks: a start that fails renames nothing
+        set_aside_newer_checkpoints(cfg.log_dir, run.start_step)
+    if rank == 0:
+        run.log = RunLog(cfg.log_dir, run.start_step, cfg.max_steps)
+        cleanup.callback(run.log.close)
+    run.stop = StopSignal()
+    if rank == 0 and cfg.generate_interval > 0:
+        run.enc = get_tokenizer(verbose=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    log0(run, f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
+    log0(run, f"device {device} x {world_size} process(es) | dtype {dtype} | compile {compiled} | "
+              f"model {n_params / 1e6:.2f}M params {asdict(model.config)} from {init_source}")
+    train_tokens, val_tokens = (manifest["splits"][s]["tokens"] for s in ("train", "val"))
+    log0(run, f"data {cfg.data_dir}: {train_tokens:,} train tokens, {val_tokens:,} val tokens ({manifest['source']}) | "
+              f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {cfg.sequence_length} x {grad_accum} accum "
+              f"x {world_size} procs | {steps_per_epoch:.2f} steps/epoch | {cfg.max_steps} steps = "
+              f"{cfg.max_steps / steps_per_epoch:.2f} epochs")
+    splits = [manifest["splits"][s]["tokens_per_category"] for s in ("train", "val")]
+    log0(run, "tokens per category (train + val): "
+              + ", ".join(f"{c} {sum(s.get(c, 0) for s in splits):,}" for c in manifest["categories"]))
+    for warning in guide_warnings(cfg, steps_per_epoch):
+        log0(run, f"WARNING (guide): {warning}")
+    return run
 
-        def save(step, val_loss, path_names):
-            """Full checkpoint from rank 0 under each name; every rank learns whether it worked."""
-            ok = True
-            if rank == 0:
-                state = {"format_version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config),
-                         "optimizer": optimizer.state_dict(), "step": step, "val_loss": val_loss, "best_val_loss": best_val_loss,
-                         "prev_train_loss": prev_train_loss, "train_loader_state": loader.state_dict(), "rng": capture_rng_state(),
-                         "config": asdict(cfg), "init_source": init_source, "data_fingerprint": fingerprint, "world_size": world_size}
-                try:
-                    first = os.path.join(cfg.log_dir, path_names[0])
-                    atomic_torch_save(state, first)
-                    for name in path_names[1:]:  # model_best.pt on a checkpoint step: the same bytes, not serialized again
-                        atomic_link(first, os.path.join(cfg.log_dir, name))
-                    prune_checkpoints(cfg.log_dir, cfg.keep_last_n_checkpoints)
-                except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
-                    reason = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
-                    free = shutil.disk_usage(cfg.log_dir).free / 2 ** 20
-                    runlog.log(f"ERROR: saving {path_names} in {cfg.log_dir} failed ({reason}; {free:,.0f} MiB free there); "
-                               f"earlier checkpoints are intact")
-                    ok = False
-            if world_size > 1:
-                ok = all_reduce_sum([0.0 if ok else 1.0], device)[0] == 0
-            if not ok:
-                raise UserError(f"checkpoint save failed in {cfg.log_dir}; free space or fix permissions, then rerun with --auto_resume")
 
-        def diverged(step, what, lr):
-            message = (f"training diverged at step {step} ({what}; lr {lr:.2e}); nothing was saved from it. Lower --max_lr and "
-                       f"start again in a new --log_dir, or go on from an earlier checkpoint with --resume --checkpoint_path")
-            if rank == 0:
-                runlog.log(f"ERROR: {message}")
-            return UserError(message)
+def log0(run, text):
+    """A line for log.txt and the terminal, from rank 0."""
+    if run.log is not None:
+        run.log.log(text)
 
-        # step 0: the model before fine-tuning
-        if start_step == 0:
-            if val_stream is not None:
-                val_loss, per_cat = evaluate(model, val_stream, cfg, rank, world_size, device, autocast, len(categories))
-                if rank == 0:
-                    runlog.log(f"step {0:5d}/{cfg.max_steps} | val loss {val_loss:.4f} (before fine-tuning) | {format_per_category(categories, per_cat)}")
-                    runlog.metrics({"step": 0, "val_loss": val_loss, "val_loss_per_category": dict(zip(categories, per_cat))})
-                    refresh_plot(cfg.log_dir, runlog)
-            if rank == 0 and enc is not None:
-                write_samples(model, enc, prompts, cfg, 0, device, autocast, runlog)
 
-        step = start_step
-        tokens_per_step = cfg.total_batch_size
+def evaluate_run(run, step, train_loss=None):
+    """The val loss at this step, logged; returns (val_loss, per-category losses)."""
+    categories = run.manifest["categories"]
+    val_loss, per_cat = evaluate(run.model, run.val_stream, run.cfg, run.rank, run.world_size, run.device,
+                                 run.autocast, len(categories))
+    note = " (before fine-tuning)" if step == 0 else ""
+    log0(run, f"step {step:5d}/{run.cfg.max_steps} | val loss {val_loss:.4f}{note} | "
+              f"{format_per_category(categories, per_cat)}")
+    # the guide's overfitting check: val loss up while train loss still goes down
+    if train_loss is not None and val_loss > run.best_val_loss and run.prev_train_loss is not None \
+            and train_loss < run.prev_train_loss:
+        log0(run, "WARNING: overfitting detected: val loss rose above its best while train loss fell; "
+                  "consider fewer steps or a lower --max_lr")
+    return val_loss, dict(zip(categories, per_cat))
+
+
+def save_checkpoint(run, step, val_loss, names):
+    """A full checkpoint from rank 0 under each of names (the first written, the rest hard links to it); every rank
+    learns whether it worked. A failed save stops the run with earlier checkpoints intact."""
+    ok = True
+    if run.rank == 0:
+        state = checkpoint_state(run.model, run.optimizer, run.loader, run.cfg, step, val_loss=val_loss,
+                                 best_val_loss=run.best_val_loss, prev_train_loss=run.prev_train_loss,
+                                 init_source=run.init_source, init_seed=run.init_seed, fingerprint=run.fingerprint,
+                                 world_size=run.world_size)
+        log_dir = run.cfg.log_dir
+        try:
+            first = os.path.join(log_dir, names[0])
+            atomic_torch_save(state, first)
+            for name in names[1:]:  # model_best.pt on a checkpoint step: the same bytes, not serialized again
+                atomic_link(first, os.path.join(log_dir, name))
+            prune_checkpoints(log_dir, run.cfg.keep_last_n_checkpoints)
+        except (OSError, RuntimeError) as e:  # torch.save reports a short write (disk full) as a RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "a short write: is the disk full?"
+            free = shutil.disk_usage(log_dir).free / 2 ** 20
+            log0(run, f"ERROR: saving {names} in {log_dir} failed ({reason}; {free:,.0f} MiB free there); "
+                      f"earlier checkpoints are intact")
+            ok = False
+    if run.world_size > 1:
+        ok = all_reduce_sum([0.0 if ok else 1.0], run.device)[0] == 0
+    if not ok:
+        raise UserError(f"checkpoint save failed in {run.cfg.log_dir}; free space or fix permissions, then rerun "
+                        f"with --auto_resume")
+
+
+def diverged(run, step, what, lr):
+    """The error that stops a run whose loss, gradients or weights are no longer finite (also in log.txt)."""
+    message = (f"training diverged at step {step} ({what}; lr {lr:.2e}); nothing was saved from it. Lower --max_lr "
+               f"and start again in a new --log_dir, or go on from an earlier checkpoint with --resume "
+               f"--checkpoint_path")
+    log0(run, f"ERROR: {message}")
+    return UserError(message)
+
+
+def train(cfg, given=frozenset()):
+    """The fine-tune: start_run, then the loop. Returns the exit status (0 done, EXIT_PREEMPTED stopped by a
+    signal after saving); raises UserError for what the user must fix."""
+    with ExitStack() as cleanup:  # the lock, the log and the process group are released whatever happens
+        run = start_run(cfg, given, cleanup)
+        cfg, model, optimizer, loader, log = run.cfg, run.model, run.optimizer, run.loader, run.log
+        prompts = run.manifest.get("sample_prompts", [])
+        if run.start_step == 0:  # step 0: the model before fine-tuning
+            if run.val_stream is not None:
+                val_loss, per_category = evaluate_run(run, 0)
+                if log:
+                    log.metrics({"step": 0, "val_loss": val_loss, "val_loss_per_category": per_category})
+                    refresh_plot(cfg.log_dir, log)
+            if run.enc is not None:
+                write_samples(model, run.enc, prompts, cfg, 0, run.device, run.autocast, log)
+
+        step = run.start_step
         while step < cfg.max_steps:
             t0 = time.time()
             # ---------------- BEGIN optimizer step ----------------
@@ -1496,101 +1815,66 @@ def train(cfg, given=frozenset()):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches, num_targets = loader.next_step()
-            loss_sum = accumulate_gradients(train_model, batches, num_targets, world_size, device, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            loss_sum = accumulate_gradients(run.train_model, batches, num_targets, run.world_size, run.device,
+                                            run.autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             # ---------------- END optimizer step: the rest is diagnostics and saving ----------------
-            train_loss = all_reduce_sum([loss_sum.item()], device)[0] / max(1, num_targets)
-            if device_type == "cuda":
+            train_loss = all_reduce_sum([loss_sum.item()], run.device)[0] / max(1, num_targets)
+            if run.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.time() - t0
             grad_norm = grad_norm.item()
-            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # this step's update made the weights NaN/inf
-                raise diverged(step, f"loss {train_loss}, gradient norm {grad_norm}", lr)
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # this step's update made them NaN/inf
+                raise diverged(run, step, f"loss {train_loss}, gradient norm {grad_norm}", lr)
+            tokens_per_sec = cfg.total_batch_size / dt
             record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_sec": tokens_per_step / dt, "epoch": loader.position / stream.num_tokens}
-            if rank == 0:
-                runlog.log(f"step {step:5d}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {grad_norm:.4f} | "
-                           f"{dt * 1000:.0f}ms | {tokens_per_step / dt:,.0f} tok/s | epoch {record['epoch']:.2f}")
+                      "tokens_per_sec": tokens_per_sec, "epoch": loader.position / loader.stream.num_tokens}
+            log0(run, f"step {step:5d}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | norm {grad_norm:.4f} | "
+                      f"{dt * 1000:.0f}ms | {tokens_per_sec:,.0f} tok/s | epoch {record['epoch']:.2f}")
             last_step = step == cfg.max_steps
             val_loss, is_best = None, False
-            if val_stream is not None and (step % cfg.eval_interval == 0 or last_step):
-                val_loss, per_cat = evaluate(model, val_stream, cfg, rank, world_size, device, autocast, len(categories))
-                record.update(val_loss=val_loss, val_loss_per_category=dict(zip(categories, per_cat)))
-                if rank == 0:
-                    runlog.log(f"step {step:5d}/{cfg.max_steps} | val loss {val_loss:.4f} | {format_per_category(categories, per_cat)}")
-                    # the guide's overfitting check: val loss up while train loss still goes down
-                    if val_loss > best_val_loss and prev_train_loss is not None and train_loss < prev_train_loss:
-                        runlog.log("WARNING: overfitting detected: val loss rose above its best while train loss fell; "
-                                   "consider fewer steps or a lower --max_lr")
-                is_best = math.isfinite(val_loss) and val_loss < best_val_loss  # NaN is never best
-                best_val_loss = val_loss if is_best else best_val_loss
-                prev_train_loss = train_loss
-            if rank == 0:
-                runlog.metrics(record)
-                runlog.progress(step, train_loss, lr, tokens_per_step / dt)
+            if run.val_stream is not None and (step % cfg.eval_interval == 0 or last_step):
+                val_loss, per_category = evaluate_run(run, step, train_loss)
+                record.update(val_loss=val_loss, val_loss_per_category=per_category)
+                is_best = math.isfinite(val_loss) and val_loss < run.best_val_loss  # NaN is never best
+                run.best_val_loss = val_loss if is_best else run.best_val_loss
+                run.prev_train_loss = train_loss
+            if log:
+                log.metrics(record)
+                log.progress(step, train_loss, lr, tokens_per_sec)
                 if val_loss is not None:
-                    refresh_plot(cfg.log_dir, runlog)
-                if enc is not None and cfg.generate_interval > 0 and (step % cfg.generate_interval == 0 or last_step):
-                    write_samples(model, enc, prompts, cfg, step, device, autocast, runlog)
-            stopping = stop.agreed(device)
+                    refresh_plot(cfg.log_dir, log)
+            if run.enc is not None and (step % cfg.generate_interval == 0 or last_step):
+                write_samples(model, run.enc, prompts, cfg, step, run.device, run.autocast, log)
+            stopping = run.stop.agreed(run.device)
             names = [checkpoint_name(step)] if step % cfg.checkpoint_interval == 0 or last_step or stopping else []
-            if is_best:
-                names.append("model_best.pt")
+            names += [BEST_NAME] if is_best else []
             if names and count_nonfinite(model):
-                raise diverged(step, "weights not finite", lr)  # e.g. a finite but huge update: no checkpoint holds them
+                raise diverged(run, step, "weights not finite", lr)  # e.g. a finite but huge update: never saved
             if names:
-                save(step, val_loss, names)
+                save_checkpoint(run, step, val_loss, names)
             if stopping and not last_step:
-                stop.saved_exit_code = EXIT_PREEMPTED
-                print0(f"stopped after step {step}; checkpoint {checkpoint_name(step)} saved. Continue with --auto_resume")
+                run.stop.saved_exit_code = EXIT_PREEMPTED
+                print0(f"stopped after step {step}; checkpoint {checkpoint_name(step)} saved. Continue with "
+                       f"--auto_resume")
                 return EXIT_PREEMPTED
-        stop.saved_exit_code = 0
+        run.stop.saved_exit_code = 0
         return 0
-    finally:
-        if runlog is not None:
-            runlog.close()
-        if lock is not None:
-            lock.release()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def cpu_has_amx_bf16():
-    """Only CPUs with AMX (Intel Sapphire Rapids and later) run bf16 matmuls faster than fp32; AVX512-BF16 alone does not."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
-def guide_warnings(cfg, steps_per_epoch):
-    """Settings that go against the fine-tuning guide: warned about, not refused."""
-    out = []
-    if cfg.max_lr > 1e-4:
-        out.append(f"--max_lr {cfg.max_lr:g} is high for fine-tuning (guide: ~6e-5, 1/10-1/100 of pretraining's); it may erase pretrained knowledge")
-    if cfg.max_steps > steps_per_epoch * 1.25:  # the guide's own default (6 steps) is ~1.1-1.2 epochs
-        out.append(f"{cfg.max_steps} steps = {cfg.max_steps / steps_per_epoch:.2f} epochs; the guide advises at most ~1 epoch (catastrophic forgetting)")
-    if cfg.weight_decay == 0:
-        out.append("--weight_decay 0: the guide uses 0.01 to keep weights near the pretrained ones")
-    if not 8 <= cfg.batch_size <= 32:
-        out.append(f"--batch_size {cfg.batch_size} is outside the guide's 8-32")
-    return out
 
 
 def main(argv=None):
-    cfg, given = parse_args(argv)
     try:
+        cfg, given = parse_args(argv)
         return train(cfg, given)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     finally:
-        # DDP's wrapper lives in reference cycles. Collected at interpreter exit instead, after its process group is
-        # gone, it can abort the process (SIGABRT, "terminate called without an active exception") on gloo.
+        # DDP's wrapper lives in reference cycles. Collected at interpreter exit instead, after its process group
+        # is gone, it can abort the process (SIGABRT, "terminate called without an active exception") on gloo.
         gc.collect()
 
 

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -187,11 +188,25 @@ def test_chat_one_shot_is_deterministic_per_seed(root, tiny_run, capsys):
     assert answers[0] != answers[1]
 
 
-def test_chat_takes_the_newest_checkpoint_of_a_log_dir(tiny_run):
-    model, description = chat.load_model(tiny_run)
-    assert description.startswith(os.path.join(tiny_run, "model_00002.pt")) and "step 2" in description
-    ckpt = fd.load_checkpoint(os.path.join(tiny_run, "model_00002.pt"))
+def test_a_log_dir_means_its_best_checkpoint_else_the_newest_that_loads(tiny_run, tmp_path, capsys):
+    """The one rule chat, export and eval share for a log dir (fd.pick_checkpoint)."""
+    logs = str(tmp_path / "logs")
+    shutil.copytree(tiny_run, logs)
+    model, description = chat.load_model(logs)
+    assert description.startswith(os.path.join(logs, "model_best.pt")) and "step 2" in description
+    ckpt = fd.load_checkpoint(os.path.join(logs, "model_best.pt"))
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    os.remove(os.path.join(logs, "model_best.pt"))  # a hard link of model_00002.pt: not written into
+    with open(os.path.join(logs, "model_best.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 damaged")
+    _, description = chat.load_model(logs)
+    assert description.startswith(os.path.join(logs, "model_00002.pt"))
+    assert "skipping checkpoint" in capsys.readouterr().out
+    for name in os.listdir(logs):
+        if name.endswith(".pt"):
+            os.remove(os.path.join(logs, name))
+    with pytest.raises(fd.UserError, match="no checkpoint in .*model_best.pt or model_NNNNN.pt"):
+        chat.load_model(logs)
 
 
 def test_chat_streams_the_text_it_returns(tiny_run, enc):
