@@ -33,10 +33,45 @@ import signal
 import socket
 import sys
 import time
+import struct
+import threading
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
+# -----------------------------------------------------------------------------
+# first, before the heavy imports: a worker under torchrun stops when its launcher dies
+
+LAUNCHER_PID = None  # torchrun's agent, this worker's parent (None outside torchrun)
+
+
+def die_with_launcher():
+    """Under torchrun, asks the kernel for a SIGTERM when the launcher dies (`kill -9` of torchrun, the OOM killer):
+    torchrun starts its workers in sessions of their own, so nothing else stops them, and they would train on as
+    orphans. The SIGTERM stops the run after the current step, with a checkpoint (StopSignal). Only under torchrun:
+    a plain `python` run under nohup must outlive its shell. Linux only."""
+    global LAUNCHER_PID
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    LAUNCHER_PID = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if LAUNCHER_PID == 1 or os.getppid() != LAUNCHER_PID:  # it died before prctl took effect: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone():
+    return LAUNCHER_PID is not None and os.getppid() != LAUNCHER_PID
+
+
+if __name__ == "__main__":
+    die_with_launcher()
+
+# the heavy imports come after die_with_launcher: importing torch takes seconds
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -566,20 +601,66 @@ _NanoGPTConfig.__module__, _NanoGPTConfig.__qualname__, _NanoGPTConfig.__name__ 
 
 
 def safe_torch_load(path, map_location="cpu"):
-    """torch.load that never executes arbitrary pickled code. Raises UserError for unsafe or unreadable files."""
+    """torch.load that never executes arbitrary pickled code and checks every byte of the file against the CRC-32s
+    of its zip archive, in a thread while torch.load reads it. Raises UserError for unsafe or damaged files."""
     with open(path, "rb") as f:
         head = f.read(2)
     if head and head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy format: a pickle)
         raise UserError(f"{path}: not a PyTorch checkpoint file (torch.save writes a zip archive)")
-    try:
-        with torch.serialization.safe_globals([_NanoGPTConfig]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise
-        detail = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line][:1]
-        raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and plain data "
-                        f"({detail[0][:200] if detail else 'unsafe pickle'}); only load files you trust") from None
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(damaged_records, path) if head == b"PK" else None
+        try:
+            with torch.serialization.safe_globals([_NanoGPTConfig]):
+                # a zip archive is memory-mapped: ranks on one node share its pages, and none holds a copy of
+                # the whole file; the tensors are copied where they are used (the model, the optimizer)
+                loaded = torch.load(path, map_location=map_location, weights_only=True, mmap=head == b"PK")
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise
+            detail = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line][:1]
+            raise UserError(f"refusing to load {path}: it holds Python objects other than tensors and plain data "
+                            f"({detail[0][:200] if detail else 'unsafe pickle'}); only load files you trust") from None
+        damaged = check.result() if check else []
+    if damaged:
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        raise UserError(f"{path}: damaged: record {damaged[0]}{more} does not match the CRC-32 stored with it (the "
+                        f"file changed on disk or in a copy)")
+    return loaded
+
+
+def damaged_records(path):
+    """The names of the records of a zip archive (what torch.save writes) whose bytes do not match the CRC-32 the
+    archive keeps for each (torch.load never checks them). Records are checked in parallel: zlib.crc32 and
+    os.pread release the GIL."""
+    with zipfile.ZipFile(path) as archive:
+        records = sorted(archive.infolist(), key=lambda info: -info.compress_size)
+
+    def damaged(info):
+        if info.compress_type != zipfile.ZIP_STORED:  # torch.save stores records uncompressed; others: zipfile
+            with zipfile.ZipFile(path) as archive, archive.open(info) as f:
+                try:
+                    while f.read(2 ** 24):
+                        pass
+                except zipfile.BadZipFile:
+                    return True
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            header = os.pread(fd, 30, info.header_offset)  # the local file header, then the name and extra field
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            position, left, crc = info.header_offset + 30 + name_len + extra_len, info.compress_size, 0
+            while left > 0:
+                chunk = os.pread(fd, min(left, 2 ** 24), position)
+                if not chunk:
+                    return True  # shorter than the archive says
+                crc = zlib.crc32(chunk, crc)
+                position, left = position + len(chunk), left - len(chunk)
+        finally:
+            os.close(fd)
+        return crc != info.CRC
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return [info.filename for info, bad in zip(records, pool.map(damaged, records)) if bad]
 
 
 def strip_wrapper_prefixes(sd):
@@ -685,6 +766,9 @@ def load_manifest(data_dir):
         raise UserError(f"{path}: incomplete or damaged ({problem}); re-run `python model/prepare_dolly.py`")
     if manifest["splits"]["train"]["tokens"] == 0:
         raise UserError(f"{data_dir}/: the train split is empty; re-run `python model/prepare_dolly.py`")
+    if any("sha256" not in sh for split in manifest["splits"].values() for sh in split["shards"]):
+        print0(f"note: {path} has no shard checksums (an older prepare_dolly.py made it), so damaged shards are "
+               f"found only by their size and token ids; re-run `python model/prepare_dolly.py` to add them")
     return manifest
 
 
@@ -722,19 +806,38 @@ def load_shard(path):
     return array
 
 
+def check_shard(path, array, sha256=None, vocab_size=None):
+    """Raises UserError naming the file if its bytes differ from the sha256 prepare_dolly.py recorded, or (tokens)
+    if it holds an id outside the vocabulary, which would crash the embedding lookup mid-run."""
+    if sha256 is not None:
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
+                raise UserError(f"{path}: damaged (its sha256 does not match manifest.json); re-run "
+                                f"`python model/prepare_dolly.py`")
+    if vocab_size is not None and len(array) and int(array.max()) >= vocab_size:
+        position = int(np.argmax(array >= vocab_size))
+        raise UserError(f"{path}: token id {int(array[position])} at position {position} is not below the vocabulary "
+                        f"size {vocab_size}; re-run `python model/prepare_dolly.py`")
+
+
 class TokenStream:
     """The tokens of one split as one endless stream (epoch after epoch), read from memory-mapped shards.
-    Each example ends with <|endoftext|>, so wrapping from the last example to the first is a clean boundary."""
+    Each example ends with <|endoftext|>, so wrapping from the last example to the first is a clean boundary.
+    The shards are checked at start-up (sizes, checksums, token ids): damage is reported before any step."""
 
     def __init__(self, data_dir, split, manifest):
         shards = manifest["splits"][split]["shards"]
         self.parts = []
         for s in shards:
-            arrays = [load_shard(os.path.join(data_dir, s[kind])) for kind in ("tokens", "mask", "category")]
+            paths = [os.path.join(data_dir, s[kind]) for kind in ("tokens", "mask", "category")]
+            arrays = [load_shard(path) for path in paths]
             if not (len(arrays[0]) == len(arrays[1]) == len(arrays[2]) == s["num_tokens"]) \
                     or arrays[0].dtype != np.uint16:
                 raise UserError(f"{data_dir}/{s['tokens']}: shard does not match manifest.json; re-run "
                                 f"`python model/prepare_dolly.py`")
+            for kind, path, array in zip(("tokens", "mask", "category"), paths, arrays):
+                vocab_size = manifest["vocab_size"] if kind == "tokens" else None
+                check_shard(path, array, s.get("sha256", {}).get(kind), vocab_size)
             self.parts.append(arrays)
         self.starts = np.cumsum([0] + [s["num_tokens"] for s in shards])
         self.num_tokens = int(self.starts[-1])
@@ -1254,29 +1357,50 @@ class RunLock:
         os.close(self.fd)
 
 
+def say(text):
+    """A line on stderr from a signal handler; a stderr whose reader is gone (the launcher's pipe) is no error."""
+    try:
+        print(f"\n{text}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 class StopSignal:
     """SIGTERM/SIGINT ask the loop to stop after the current step and save; a second one exits at once (with the
     run's own exit status once its last checkpoint is saved)."""
 
     REPEAT_WINDOW_S = 3.0  # a repeat this soon is the same request delivered twice, not a second one
+    ORPHAN_EXIT_S = 30.0  # with its launcher gone, a worker exits at once if it has not stopped after this long
 
     def __init__(self):
         self.requested, self.requested_at = False, 0.0
         self.saved_exit_code = None  # set once the last checkpoint is saved: a later signal then exits with it
+        self.orphaned = False  # the launcher died (die_with_launcher's signal)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if launcher_gone() and not self.orphaned:
+            # The kernel signals again each time it hands this worker to a new parent: to another thread of a
+            # dying multi-threaded launcher first (so getppid() still names the launcher), then to init. No
+            # launcher will stop this worker if the step or the save hangs on a dead peer: a deadline does.
+            self.orphaned = True
+            deadline = threading.Timer(self.ORPHAN_EXIT_S, os._exit, (128 + signum,))
+            deadline.daemon = True
+            deadline.start()
+            say(f"the launcher (pid {LAUNCHER_PID}) is gone: stopping after this step, within {self.ORPHAN_EXIT_S:g} s")
+            if self.requested:
+                return  # not a second request: the same death, seen again
+        elif self.requested:
             # SLURM signals every process of the job and torchrun then forwards the signal to its workers again:
             # exiting on that repeat would lose the checkpoint the first one asked for
             if time.monotonic() - self.requested_at > self.REPEAT_WINDOW_S:
                 os._exit(128 + signum if self.saved_exit_code is None else self.saved_exit_code)
             return
         self.requested, self.requested_at = True, time.monotonic()
-        print(f"\n{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
-              f"(send it again, {self.REPEAT_WINDOW_S:g} s or more later, to exit at once)", file=sys.stderr,
-              flush=True)
+        if not self.orphaned:
+            say(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint (send it "
+                f"again, {self.REPEAT_WINDOW_S:g} s or more later, to exit at once)")
 
     def agreed(self, device):
         """True if any rank was signalled. Every rank calls this after every step, so all stop after the same one."""
@@ -1865,12 +1989,37 @@ def train(cfg, given=frozenset()):
         return 0
 
 
+ERROR_WAIT_S = 5.0  # how long a rank other than 0 waits to see whether rank 0 reports the same error
+
+
+def report_error(message):
+    """Prints `error: message` once per run. Under torchrun every rank mostly hits the same error (the same flags,
+    data and checkpoint): rank 0 prints it, and another rank prints its own only if rank 0 did not report the same
+    line within ERROR_WAIT_S: an error that only it hit stays visible. The ranks compare notes through torchrun's
+    own store (TORCHELASTIC_USE_AGENT_STORE), which exists before the process group does."""
+    rank, _, world_size = launch_ranks()
+    if world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=ERROR_WAIT_S))
+            key = f"finetune_dolly/error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+            store.set(key + str(rank), message)
+            deadline = time.monotonic() + ERROR_WAIT_S
+            while rank != 0 and not store.check([key + "0"]) and time.monotonic() < deadline:
+                time.sleep(0.05)  # polled: a store.wait that times out logs C++ warnings
+            if rank != 0 and store.check([key + "0"]) and store.get(key + "0").decode() == message:
+                return
+        except Exception:  # no answer from rank 0 in time, or no store: print it here
+            pass
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     try:
         cfg, given = parse_args(argv)
         return train(cfg, given)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        report_error(str(e))
         return EXIT_ERROR
     finally:
         # DDP's wrapper lives in reference cycles. Collected at interpreter exit instead, after its process group

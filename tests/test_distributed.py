@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -334,3 +335,170 @@ def test_two_processes_warn_once_about_each_broken_checkpoint(dolly_dir, tmp_pat
     for name in ("model_00002.pt", "model_00004.pt"):
         assert out.count(f"WARNING: skipping {log / name}:") == 1, out[-5000:]
         assert (log / name).read_bytes() == b"not a checkpoint"
+
+
+# -----------------------------------------------------------------------------
+# several nodes, started as two torchrun agents on this machine
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_command(form, node_rank, nproc, port, data_dir, log_dir, *extra):
+    """README's two multi-node launches, with this machine as both nodes: `static` names the node rank and the
+    master's address; `c10d` is the same command on every node, with a rendezvous endpoint."""
+    if form == "static":
+        launch = [f"--nnodes=2", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                  f"--master_port={port}"]
+    else:
+        launch = ["--nnodes=2", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=dolly"]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, SCRIPT, "--data_dir", str(data_dir),
+            "--log_dir", str(log_dir), *TINY, *extra]
+
+
+def start_nodes(form, nproc, data_dir, log_dirs, out_dir, *extra):
+    """Starts node 0's agent, waits until it listens (it hosts the store), then node 1's: no race for the port.
+    log_dirs: one per node; only global rank 0 may write, so node 1's must stay empty."""
+    port, procs = free_port(), []
+    for node_rank in (0, 1):
+        out = open(out_dir / f"node{node_rank}.out", "w")
+        procs.append(subprocess.Popen(node_command(form, node_rank, nproc, port, data_dir, log_dirs[node_rank], *extra),
+                                      cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT))
+        out.close()
+        deadline = time.monotonic() + 60
+        while node_rank == 0:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert procs[0].poll() is None and time.monotonic() < deadline, tail(out_dir / "node0.out")
+                time.sleep(0.1)
+    return procs
+
+
+def stop_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("form,nproc", [("static", 1), ("c10d", 2)], ids=["static_2x1", "c10d_2x2"])
+def test_two_nodes_equal_one_process(cosine_runs, dolly_dir, tmp_path, form, nproc):
+    """README's multi-node commands on one machine: 2 or 4 ranks over two agents, the same losses as one process.
+    Rank 0 (node 0) writes every file; node 1's --log_dir (only rank 0 writes one) stays untouched."""
+    logs = [tmp_path / "node0_log", tmp_path / "node1_log"]
+    procs = start_nodes(form, nproc, dolly_dir, logs, tmp_path, *COSINE)
+    try:
+        codes = [p.wait(timeout=LONG) for p in procs]
+    finally:
+        stop_all(procs)
+    assert codes == [0, 0], tail(tmp_path / "node0.out") + tail(tmp_path / "node1.out")
+    with open(logs[0] / "log.txt") as f:
+        assert f"x {2 * nproc} process(es)" in f.read()
+    assert_same_metrics(read_metrics(logs[0]), read_metrics(cosine_runs[1]))
+    assert_same_weights(weights(logs[0], 6), weights(cosine_runs[1], 6))
+    assert not logs[1].exists()
+
+
+def test_sigterm_to_one_node_stops_every_rank_and_one_node_resumes(constant_ref, dolly_dir, tmp_path):
+    """SIGTERM to node 1's agent only (a preempted node): its worker asks to stop, every rank of both nodes agrees
+    on the step, rank 0 on node 0 saves one checkpoint, and all exit. The run then continues on one node alone."""
+    logs = [tmp_path / "log", tmp_path / "node1_log"]
+    procs = start_nodes("static", 1, dolly_dir, logs, tmp_path, *CONSTANT, "--max_steps", "200")
+    try:
+        wait_for(lambda: last_step(logs[0]) >= 3, procs[0], tmp_path / "node0.out")
+        procs[1].send_signal(signal.SIGTERM)
+        for p, node in zip(procs, ("node0", "node1")):
+            wait_exit(p, 90, tmp_path / f"{node}.out")
+    finally:
+        stop_all(procs)
+    out = tail(tmp_path / "node0.out", 10 ** 6)
+    stopped_at = last_step(logs[0])
+    assert out.count("stopped after step") == 1 and f"stopped after step {stopped_at};" in out, out[-5000:]
+    assert checkpoints(logs[0])[-1] == stopped_at < CONSTANT_STEPS
+    assert "SIGTERM received" in tail(tmp_path / "node1.out") and not logs[1].exists()
+
+    out = run(1, dolly_dir, logs[0], *CONSTANT, "--max_steps", str(CONSTANT_STEPS), "--auto_resume")
+    assert "resuming from" in out and fd.checkpoint_name(stopped_at) in out
+    assert_same_metrics(read_metrics(logs[0]), read_metrics(constant_ref))
+    assert_same_weights(weights(logs[0], CONSTANT_STEPS), weights(constant_ref, CONSTANT_STEPS))
+
+
+# -----------------------------------------------------------------------------
+# no orphans, and one line per error
+
+def test_workers_stop_when_the_launcher_is_killed(dolly_dir, tmp_path):
+    """SIGKILL to torchrun (the OOM killer, a scheduler): its workers, in sessions of their own and writing to a file,
+    get SIGTERM from the kernel (PR_SET_PDEATHSIG), finish the step, save and exit within seconds."""
+    log, out_path = tmp_path / "log", tmp_path / "launcher.out"
+    proc = start(2, dolly_dir, log, out_path, *CONSTANT, "--max_steps", "200")
+    try:
+        wait_for(lambda: last_step(log) >= 2, proc, out_path)
+        pids = worker_pids(proc.pid)
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        while any(alive(pid) for pid in pids.values()) and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+    finally:
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not any(alive(pid) for pid in pids.values()), f"workers still running 60 s after the launcher died"
+    out = tail(out_path, 10 ** 6)
+    assert out.count(f"the launcher (pid {proc.pid}) is gone") == 2, out[-5000:]
+    stopped_at = last_step(log)
+    assert f"stopped after step {stopped_at};" in out and checkpoints(log)[-1] == stopped_at
+    print(f"\n[launcher killed] workers gone {took:.1f} s later, after saving step {stopped_at}")
+
+
+def test_a_plain_run_outlives_the_shell_that_started_it(dolly_dir, tmp_path):
+    """Outside torchrun nothing asks for a signal on the parent's death: a run started in the background by a shell
+    that then exits (nohup, `&` in a job script) trains to the end."""
+    log, out_path = tmp_path / "log", tmp_path / "run.out"
+    cmd = " ".join(command(1, dolly_dir, log, *CONSTANT, "--max_steps", "3"))
+    shell = subprocess.run(["bash", "-c", f"{cmd} > {out_path} 2>&1 & echo $!"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=30)
+    pid = int(shell.stdout)  # the shell is gone now; the trainer's parent is init (or a subreaper)
+    deadline = time.monotonic() + LONG
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert last_step(log) == 3, tail(out_path)
+
+
+def test_every_rank_with_the_same_error_prints_it_once(dolly_dir, tmp_path):
+    r = subprocess.run(command(2, dolly_dir, tmp_path / "log", "--max_lr", "-1"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=LONG)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and out.count("error: invalid settings:") == 1, out[-5000:]
+    assert out.count("--max_lr must be > 0") == 1
+
+
+def report_error_in(rank, message, port, delay=0.0):
+    """A process that reports `message` as rank `rank` of 2 under a torchrun-like environment (store at port)."""
+    env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    code = f"import time, finetune_dolly as fd; time.sleep({delay}); fd.report_error({message!r})"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=os.path.join(ROOT, "model"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("rank1_message", ["same", "its own", None], ids=["same", "different", "rank0_has_none"])
+def test_an_error_only_one_rank_hits_stays_visible(tmp_path, rank1_message):
+    """report_error through a real TCPStore, as torchrun's agent hosts it: rank 1 stays silent only when rank 0
+    reported the very same line; an error of its own, or one rank 0 does not share, is printed."""
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # torchrun's agent store
+    procs = {1: report_error_in(1, rank1_message or "rank 1 only", port)}
+    if rank1_message is not None:
+        procs[0] = report_error_in(0, "same", port, delay=1.0)  # rank 0 reports later than rank 1
+    errs = {rank: p.communicate(timeout=60)[1] for rank, p in procs.items()}
+    del store
+    if rank1_message is not None:
+        assert errs[0] == "error: same\n"
+    assert errs[1] == ("" if rank1_message == "same" else f"error: {rank1_message or 'rank 1 only'}\n")
