@@ -78,6 +78,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from prepare_dolly import EOT, VOCAB_SIZE, format_prompt, get_tokenizer
 
@@ -149,12 +151,16 @@ class TrainConfig:
     threads: int = flag(0, "CPU threads for torch (0 = torch's choice; 1 is often fastest on shared 2-core boxes)")
     seed: int = flag(1337, "seed for init and sampling; same seed on CPU = same metrics")
     dist_timeout_min: int = flag(30, "minutes a process waits for the others (long enough for a 1.5B save)")
+    fsdp: bool = flag(False, "shard weights, gradients and AdamW state over the processes (FSDP2) instead of a "
+                             "copy on each (DDP): for models that do not fit one GPU")
+    activation_checkpointing: bool = flag(False, "keep only each block's input and recompute the rest in backward: "
+                                                 "far less activation memory for one more forward pass")
 
 
 # Fields that describe this launch (machine, resume decision), never taken from a checkpoint.
 LAUNCH_FIELDS = {"data_dir", "log_dir", "auto_resume", "resume", "checkpoint_path", "strict_resume",
                  "allow_data_change", "device", "dtype", "compile", "threads", "dist_timeout_min",
-                 "pretrained_checkpoint"}
+                 "pretrained_checkpoint", "fsdp", "activation_checkpointing"}
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
@@ -344,6 +350,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
+        self.activation_checkpointing = False  # --activation_checkpointing: blocks recomputed in backward
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -385,7 +392,10 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = (self.transformer.wte(idx) if tok_emb is None else tok_emb) + self.transformer.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i], attn_mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # saves x only; backward runs the block again
+            else:
+                x = block(x, None if kv_cache is None else kv_cache[i], attn_mask)
         return self.transformer.ln_f(x)
 
     def new_kv_cache(self):
@@ -904,9 +914,10 @@ class DataLoader:
         self.position = int(state["position"])  # with other data: continue at the same point of the epoch count
 
 
-def val_batches(stream, B, T, max_tokens, loss_on, rank, world_size):
+def val_batches(stream, B, T, max_tokens, loss_on, rank, world_size, lockstep=False):
     """The val split (or its first max_tokens) as non-overlapping (B, T) batches, each target used exactly once;
-    the last sequence is padded with IGNORE_INDEX targets. Batch i goes to rank i % world_size."""
+    the last sequence is padded with IGNORE_INDEX targets. Batch i goes to rank i % world_size. lockstep: every
+    rank gets as many batches (some without targets), for --fsdp, where each forward is a collective."""
     n_pred = stream.num_tokens - 1 if max_tokens <= 0 else min(max_tokens, stream.num_tokens - 1)
     tokens, mask, cats = stream.read(0, n_pred + 1)
     x_all = np.zeros(math.ceil(n_pred / T) * T, dtype=np.int64)
@@ -917,9 +928,12 @@ def val_batches(stream, B, T, max_tokens, loss_on, rank, world_size):
     c_all[:n_pred] = torch.from_numpy(cats[1:].astype(np.int64))
     x_all = torch.from_numpy(x_all).view(-1, T)
     y_all, c_all = y_all.view(-1, T), c_all.view(-1, T)
-    for i, s in enumerate(range(0, x_all.size(0), B)):
+    starts = range(0, x_all.size(0), B)
+    for i, s in enumerate(starts):
         if i % world_size == rank:
             yield x_all[s:s + B], y_all[s:s + B], c_all[s:s + B]
+    if lockstep and rank >= len(starts) % world_size > 0:
+        yield x_all[:1], torch.full_like(y_all[:1], IGNORE_INDEX), c_all[:1]
 
 
 # -----------------------------------------------------------------------------
@@ -940,15 +954,18 @@ def get_lr(step, cfg):
 def accumulate_gradients(train_model, batches, num_targets, world_size, device, autocast=nullcontext()):
     """Forward and backward over this rank's micro-batches of one optimizer step. Returns the summed loss
     (detached). The loss is normalised by the whole step's target count (all micro-steps, all ranks), so the
-    gradient equals one big batch's whatever the masking; x world_size undoes DDP's averaging over ranks."""
+    gradient equals one big batch's whatever the masking; x world_size undoes the averaging over ranks of DDP's
+    all-reduce and FSDP's reduce-scatter."""
     loss_sum = torch.zeros((), device=device)
     for micro_step, (x, y) in enumerate(batches):
         positions, targets = target_positions(y)  # on the host: no wait for the GPU in the step
         if str(device).startswith("cuda"):  # pinned host memory lets the copy overlap with compute
             x, positions, targets = (t.pin_memory().to(device, non_blocking=True) for t in (x, positions, targets))
         last = micro_step == len(batches) - 1
-        # DDP all-reduces gradients only on the last micro-step
-        with train_model.no_sync() if world_size > 1 and not last else nullcontext():
+        # DDP all-reduces gradients only on the last micro-step. FSDP reduce-scatters them at every one: held back,
+        # they would pile up whole on every rank, the memory --fsdp is there to save.
+        hold_back = world_size > 1 and not last and hasattr(train_model, "no_sync")
+        with train_model.no_sync() if hold_back else nullcontext():
             with autocast:
                 _, loss = train_model(x, (positions, targets), reduction="sum")
             (loss * (world_size / max(1, num_targets))).backward()
@@ -1044,9 +1061,13 @@ def prune_checkpoints(log_dir, keep):
 def checkpoint_state(model, optimizer, loader, cfg, step, *, val_loss=None, best_val_loss=float("inf"),
                      prev_train_loss=None, init_source="random", init_seed=None, fingerprint="", world_size=1):
     """The full training state that a checkpoint holds: tensors and plain values only, so that
-    torch.load(weights_only=True) reads it."""
-    return {"format_version": CHECKPOINT_VERSION, "model": model.state_dict(), "model_config": asdict(model.config),
-            "optimizer": optimizer.state_dict(), "step": step, "val_loss": val_loss, "best_val_loss": best_val_loss,
+    torch.load(weights_only=True) reads it. The same for every strategy: under --fsdp the shards are gathered to
+    rank 0 (every rank must call this then; the others get None)."""
+    model_state, optimizer_state = full_training_state(model, optimizer)
+    if model_state is None:
+        return None
+    return {"format_version": CHECKPOINT_VERSION, "model": model_state, "model_config": asdict(model.config),
+            "optimizer": optimizer_state, "step": step, "val_loss": val_loss, "best_val_loss": best_val_loss,
             "prev_train_loss": prev_train_loss, "train_loader_state": loader.state_dict(), "rng": capture_rng_state(),
             "config": asdict(cfg), "init_source": init_source, "data_fingerprint": fingerprint,
             "init_seed": cfg.seed if init_seed is None else init_seed, "world_size": world_size}
@@ -1093,10 +1114,10 @@ def find_resume_checkpoint(log_dir):
 
 
 def count_nonfinite(model):
-    """How many of model's float weights (parameters and buffers) hold a NaN/inf: a diverged run.
-    A sum is NaN/inf if any element is: the sums screen every tensor with one host sync (cheaper than isfinite()
-    on every element), then isfinite() rules out finite values whose sum overflowed."""
-    tensors = [t.detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    """How many of model's float weights (parameters and buffers) hold a NaN/inf: a diverged run. Under --fsdp,
+    of this rank's shards. A sum is NaN/inf if any element is: the sums screen every tensor with one host sync
+    (cheaper than isfinite() on every element), then isfinite() rules out finite values whose sum overflowed."""
+    tensors = [local(t).detach() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
     if not tensors:
         return 0
     sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
@@ -1412,17 +1433,145 @@ class StopSignal:
 
 
 # -----------------------------------------------------------------------------
+# sharded training (--fsdp), and the memory a run needs
+
+def local(t):
+    """This rank's part of a tensor: the shard of a DTensor (an --fsdp parameter), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model, device):
+    """FSDP2 over every rank: each Block, then the rest (embeddings, final LayerNorm, output layer: the root). A
+    parameter becomes a DTensor that holds 1/world_size of its rows here, and so do its gradient and AdamW state.
+    A block's weights are gathered whole for its forward and again for its backward; the root's stay gathered
+    through the step. The numerics are DDP's: fp32 weights and gradient reduction, bf16 only inside autocast."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # FSDP2 learns which module is the root from the first forward; evaluate and generate call the blocks
+    # directly, so one token goes through the whole model first
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()
+    return model
+
+
+@contextmanager
+def unsharded(model):
+    """Under --fsdp, the root's weights (embeddings, output layer) gathered whole, for code that calls the model's
+    parts instead of its forward (evaluate, generation); each block gathers its own in its forward, so every rank
+    must run the same forwards meanwhile. Elsewhere nothing."""
+    if not is_fsdp(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def broadcast_ids(ids, device):
+    """Rank 0's token ids on every rank (--fsdp samples: all ranks feed the same tokens, so all run the same
+    forwards whatever their rounding)."""
+    t = torch.tensor(ids, dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def full_training_state(model, optimizer):
+    """(model state dict, optimizer state dict) as one process holds them. Under --fsdp gathered from every rank's
+    shards to rank 0, on the CPU (None, None on the other ranks), the optimizer state then turned from the
+    parameter-name form torch.distributed.checkpoint gives into the index form of optimizer.state_dict()."""
+    if not is_fsdp(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return None, None
+    names = optimizer_parameter_names(model, optimizer)
+    index = {name: i for i, name in enumerate(names)}
+    return model_state, {"state": {index[name]: v for name, v in optimizer_state["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                          for g in optimizer_state["param_groups"]]}
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Loads a checkpoint's optimizer state (index form), whatever the strategy it was saved under: under --fsdp
+    each rank keeps its shard of it."""
+    if not is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = optimizer_parameter_names(model, optimizer)
+    by_name = {"state": {names[i]: v for i, v in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_parameter_names(model, optimizer):
+    """The names of the optimizer's parameters in its order, which is what its state's indices count."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+ACTIVATION_BYTES = {"float32": 64, "bfloat16": 46}  # saved for backward, per token, block and unit of n_embd
+
+
+def memory_estimate(config, cfg, world_size, dtype):
+    """Bytes per process that training needs, by part: fp32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter; 1/world_size of them under --fsdp, plus the root and two blocks gathered whole, with their
+    gradients; DDP adds flat copies of the gradients to all-reduce), and the activations saved for backward:
+    per token, ACTIVATION_BYTES x n_embd per block (counted on GPT-2's saved tensors), or with
+    --activation_checkpointing only each block's fp32 input and one block's recomputed ones, plus the loss's
+    logits chunk."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    block = 12 * C * C + 13 * C  # c_attn, c_proj, c_fc, mlp.c_proj (weights and biases), two LayerNorms
+    root = (V + config.block_size) * C + 2 * C  # token and position embeddings (the output layer is tied), ln_f
+    params = L * block + root
+    shards = world_size if cfg.fsdp and world_size > 1 else 1
+    parts = {"weights": 4 * params / shards, "gradients": 4 * params / shards, "AdamW": 8 * params / shards}
+    if shards > 1:
+        parts["gathered"] = 2 * 4 * (root + 2 * block)
+    elif world_size > 1:
+        parts["DDP buckets"] = 4 * params
+    tokens, per_block = cfg.batch_size * cfg.sequence_length, ACTIVATION_BYTES[dtype]
+    saved = (4 * L + per_block) if cfg.activation_checkpointing else per_block * L
+    chunk_rows = max(1, (2 ** 27 if cfg.device.startswith("cuda") else 2 ** 24) // V)
+    parts["activations"] = tokens * C * (saved + 8) + 4 * min(tokens, chunk_rows) * V
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def format_memory(parts):
+    return " + ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in parts.items() if k != "total") + \
+        f" = {parts['total'] / 2 ** 30:.2f} GiB"
+
+
+# -----------------------------------------------------------------------------
 # evaluation and generation
 
 EVAL_ROWS = 2 ** 14  # target positions whose hidden states evaluate() gathers before the output layer runs on them
 
 
 @torch.no_grad()
-def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categories):
+def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categories, lockstep=False):
     """Token-weighted val loss over all ranks, overall and per category (index into the manifest's list).
     The hidden states at target positions are gathered over batches (up to EVAL_ROWS) and go through the output
     layer together, most of an evaluation's work: in full chunks, into one logits buffer.
-    model: the GPT itself (not a DDP wrapper); its hidden_states and lm_head are called directly."""
+    model: the GPT itself (not a DDP wrapper); its hidden_states and lm_head are called directly (under --fsdp
+    within unsharded(model), with lockstep=True)."""
     model.eval()
     sums = torch.zeros(2 * (num_categories + 1), dtype=torch.float64)  # [loss sum, count] overall, then per category
     hidden, targets, cats = [], [], []
@@ -1439,7 +1588,8 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
         sums[2::2] += torch.bincount(c, weights=losses, minlength=num_categories)
         sums[3::2] += torch.bincount(c, minlength=num_categories).double()
 
-    batches = val_batches(stream, cfg.batch_size, cfg.sequence_length, cfg.val_tokens, cfg.loss_on, rank, world_size)
+    batches = val_batches(stream, cfg.batch_size, cfg.sequence_length, cfg.val_tokens, cfg.loss_on, rank, world_size,
+                          lockstep)
     for x, y, c in batches:
         positions, y = target_positions(y)  # on the host, as in training
         with autocast:
@@ -1521,18 +1671,20 @@ def sample_next(logits, temperature, top_k, generator):
 
 
 @torch.no_grad()
-def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, generators=None, autocast=nullcontext()):
+def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, generators=None, autocast=nullcontext(),
+                   sync=None):
     """generate() for several prompts (lists of ids) at once, with a generator per prompt: one forward per new
     token for all of them, so the weights are read once per token instead of once per prompt. Prompts are
     left-padded to the longest; padding is never attended to and each row counts positions from its own first
     token, so in fp32 each row gets the tokens generate() gives it alone (under bf16 the other shapes round
-    differently and a near-tie can go the other way)."""
+    differently and a near-tie can go the other way). sync(ids): what every rank takes as the step's new ids
+    (under --fsdp, rank 0's)."""
     if not prompts:
         return []
     fits = [i for i, p in enumerate(prompts) if 0 < len(p) <= model.config.block_size]
     if len(fits) < len(prompts):  # as generate(): nothing for a prompt longer than the model's context
         answers = iter(generate_batch(model, [prompts[i] for i in fits], max_new_tokens, temperature, top_k,
-                                      generators and [generators[i] for i in fits], autocast))
+                                      generators and [generators[i] for i in fits], autocast, sync))
         return [next(answers) if i in fits else [] for i in range(len(prompts))]
     device = next(model.parameters()).device
     was_training = model.training
@@ -1554,14 +1706,16 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, gen
             break
         with autocast:
             logits = output_layer(GPT.hidden_states(model, idx, cache, pos, mask[:, None])[:, -1])  # (B, vocab)
-        for b in range(B):
-            if active[b]:
-                next_id = sample_next(logits[b], temperature, top_k, generators[b] if generators else None)
-                if next_id == EOT:
-                    active[b] = False
-                else:
-                    out[b].append(next_id)
-                    active[b] = len(prompts[b]) + len(out[b]) <= model.config.block_size
+        next_ids = [sample_next(logits[b], temperature, top_k, generators[b] if generators else None)
+                    if active[b] else EOT for b in range(B)]
+        for b, next_id in enumerate(sync(next_ids) if sync else next_ids):
+            if not active[b]:
+                continue
+            if next_id == EOT:
+                active[b] = False
+            else:
+                out[b].append(next_id)
+                active[b] = len(prompts[b]) + len(out[b]) <= model.config.block_size
         # every row takes one more token (a finished row its last one again; its output is ignored)
         idx = torch.tensor([[o[-1] if o else p[-1]] for o, p in zip(out, prompts)], device=device)
         key_ok = torch.cat([key_ok, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
@@ -1571,16 +1725,19 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, gen
     return out
 
 
-def write_samples(model, enc, prompts, cfg, step, device, autocast, runlog):
+def write_samples(model, enc, prompts, cfg, step, device, autocast, runlog, sync=None):
     """Answers the manifest's fixed val instructions; logs them and keeps them in samples.jsonl, then renders
-    samples.md: each instruction with the answer before fine-tuning (step 0) beside the latest one."""
+    samples.md: each instruction with the answer before fine-tuning (step 0) beside the latest one. runlog None:
+    a rank that only takes part in the generation (--fsdp)."""
     lines, records = [f"---- samples at step {step} ----"], []
     prompt_tokens = [enc.encode_ordinary(format_prompt(p["instruction"], p["context"])) for p in prompts]
     fits = [i for i, tokens in enumerate(prompt_tokens) if len(tokens) < model.config.block_size]
     # seeded by step and prompt: the same samples after a resume
     generators = [torch.Generator(device=device).manual_seed(cfg.seed + 1000 * step + i) for i in fits]
     answers = generate_batch(model, [prompt_tokens[i] for i in fits], cfg.generate_max_tokens, cfg.temperature,
-                             cfg.top_k, generators, autocast)
+                             cfg.top_k, generators, autocast, sync)
+    if runlog is None:
+        return
     answers = dict(zip(fits, answers))
     for i, p in enumerate(prompts):
         if i in answers:
@@ -1762,10 +1919,28 @@ class Run:
     prev_train_loss: float | None = None  # train loss at the last evaluation (the guide's overfitting check)
 
 
+def parallelize(model, cfg, world_size, local_rank, device):
+    """The model the training step calls, and whether it is compiled: compiled first (the transformer body only),
+    then wrapped by DDP or sharded by FSDP when there are several processes."""
+    device_type = device.split(":")[0]
+    model.activation_checkpointing = cfg.activation_checkpointing
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
+    if compiled:
+        # Only the transformer body: the loss picks a different number of target positions every batch,
+        # which would make a compiled whole model recompile at every step.
+        model.hidden_states = torch.compile(model.hidden_states)
+    if world_size > 1 and cfg.fsdp:
+        return shard_model(model, device), compiled
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None), compiled
+    return model, compiled
+
+
 def start_run(cfg, given, cleanup):
     """Everything before the first step: process group, log dir and lock, data, model (the guide's resume order),
-    optimizer and loader state, compile and DDP, the start-up summary. Registers in cleanup (an ExitStack) what
-    train() must undo whatever happens later."""
+    compile, DDP or FSDP, optimizer and loader state, the start-up summary. Registers in cleanup (an ExitStack)
+    what train() must undo whatever happens later."""
     global _IS_MASTER
     # validated before the process group, which a bad value would break with a C++ traceback; on resume, the rest
     # of the settings is checked once merged with the checkpoint's
@@ -1794,6 +1969,10 @@ def start_run(cfg, given, cleanup):
     if model.config.vocab_size < manifest["vocab_size"]:
         raise UserError(f"the model's vocab_size {model.config.vocab_size} < the data's {manifest['vocab_size']} "
                         f"(GPT-2 tokenizer)")
+    if cfg.fsdp and device_type == "mps":
+        raise UserError("--fsdp needs CUDA GPUs (NCCL) or CPUs (gloo); Apple's MPS has no process-group backend")
+    if cfg.fsdp and world_size == 1:
+        print0("note: --fsdp with one process: there is nothing to shard over, so the model trains unsharded")
     model.to(device)
 
     grad_accum = cfg.total_batch_size // (cfg.batch_size * cfg.sequence_length * world_size)
@@ -1805,30 +1984,22 @@ def start_run(cfg, given, cleanup):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    optimizer = model.configure_optimizer(cfg, device_type)
     stream = TokenStream(cfg.data_dir, "train", manifest)
     val_stream = TokenStream(cfg.data_dir, "val", manifest) if manifest["splits"]["val"]["tokens"] > 1 else None
     loader = DataLoader(stream, cfg.batch_size, cfg.sequence_length, grad_accum, rank, world_size, cfg.loss_on)
+    train_model, compiled = parallelize(model, cfg, world_size, local_rank, device)
+    optimizer = model.configure_optimizer(cfg, device_type)  # after FSDP, which replaces the parameters
     run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, autocast=autocast, model=model,
-              train_model=model, optimizer=optimizer, loader=loader, val_stream=val_stream, manifest=manifest,
+              train_model=train_model, optimizer=optimizer, loader=loader, val_stream=val_stream, manifest=manifest,
               fingerprint=data_fingerprint(manifest), init_source=init_source, init_seed=cfg.seed, log=None, enc=None,
               stop=None)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(model, optimizer, ckpt["optimizer"])
         loader.load_state_dict(ckpt["train_loader_state"], cfg.allow_data_change)
         restore_rng_state(ckpt["rng"])
         run.start_step, run.prev_train_loss = ckpt["step"], ckpt.get("prev_train_loss")
         run.best_val_loss = ckpt["best_val_loss"] if ckpt.get("best_val_loss") is not None else float("inf")
         run.init_seed = ckpt.get("init_seed", ckpt["config"]["seed"])
-
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
-    if compiled:
-        # Only the transformer body: the loss picks a different number of target positions every batch,
-        # which would make a compiled whole model recompile at every step.
-        model.hidden_states = torch.compile(model.hidden_states)
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        run.train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     if ckpt is not None and rank == 0:  # here, after the start-up checks: a start that fails renames nothing
         set_aside_newer_checkpoints(cfg.log_dir, run.start_step)
@@ -1836,12 +2007,21 @@ def start_run(cfg, given, cleanup):
         run.log = RunLog(cfg.log_dir, run.start_step, cfg.max_steps)
         cleanup.callback(run.log.close)
     run.stop = StopSignal()
-    if rank == 0 and cfg.generate_interval > 0:
-        run.enc = get_tokenizer(verbose=True)
+    if (rank == 0 or is_fsdp(model)) and cfg.generate_interval > 0:  # under FSDP every rank takes part in samples
+        run.enc = get_tokenizer(verbose=rank == 0)
     n_params = sum(p.numel() for p in model.parameters())
+    strategy = "FSDP" if is_fsdp(model) else "DDP" if world_size > 1 else "one process"
+    checkpointing = " | activation checkpointing" if cfg.activation_checkpointing else ""
     log0(run, f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
-    log0(run, f"device {device} x {world_size} process(es) | dtype {dtype} | compile {compiled} | "
-              f"model {n_params / 1e6:.2f}M params {asdict(model.config)} from {init_source}")
+    log0(run, f"device {device} x {world_size} process(es) ({strategy}{checkpointing}) | dtype {dtype} | compile "
+              f"{compiled} | model {n_params / 1e6:.2f}M params {asdict(model.config)} from {init_source}")
+    memory = memory_estimate(model.config, cfg, world_size if is_fsdp(model) or world_size > 1 else 1, dtype)
+    log0(run, f"memory per process (estimate): {format_memory(memory)}")
+    if device_type == "cuda" and rank == 0 and memory["total"] > torch.cuda.mem_get_info(device)[0]:
+        log0(run, f"WARNING: this run needs about {memory['total'] / 2 ** 30:.1f} GiB per GPU, more than the "
+                  f"{torch.cuda.mem_get_info(device)[0] / 2 ** 30:.1f} GiB free on {device}; lower --batch_size "
+                  f"(gradient accumulation keeps --total_batch_size), add --activation_checkpointing, or shard it "
+                  f"with --fsdp over more GPUs")
     train_tokens, val_tokens = (manifest["splits"][s]["tokens"] for s in ("train", "val"))
     log0(run, f"data {cfg.data_dir}: {train_tokens:,} train tokens, {val_tokens:,} val tokens ({manifest['source']}) | "
               f"{cfg.total_batch_size:,} tokens/step = {cfg.batch_size} x {cfg.sequence_length} x {grad_accum} accum "
@@ -1864,8 +2044,9 @@ def log0(run, text):
 def evaluate_run(run, step, train_loss=None):
     """The val loss at this step, logged; returns (val_loss, per-category losses)."""
     categories = run.manifest["categories"]
-    val_loss, per_cat = evaluate(run.model, run.val_stream, run.cfg, run.rank, run.world_size, run.device,
-                                 run.autocast, len(categories))
+    with unsharded(run.model):
+        val_loss, per_cat = evaluate(run.model, run.val_stream, run.cfg, run.rank, run.world_size, run.device,
+                                     run.autocast, len(categories), lockstep=is_fsdp(run.model))
     note = " (before fine-tuning)" if step == 0 else ""
     log0(run, f"step {step:5d}/{run.cfg.max_steps} | val loss {val_loss:.4f}{note} | "
               f"{format_per_category(categories, per_cat)}")
@@ -1881,11 +2062,12 @@ def save_checkpoint(run, step, val_loss, names):
     """A full checkpoint from rank 0 under each of names (the first written, the rest hard links to it); every rank
     learns whether it worked. A failed save stops the run with earlier checkpoints intact."""
     ok = True
-    if run.rank == 0:
+    if run.rank == 0 or is_fsdp(run.model):  # under FSDP every rank sends its shards
         state = checkpoint_state(run.model, run.optimizer, run.loader, run.cfg, step, val_loss=val_loss,
                                  best_val_loss=run.best_val_loss, prev_train_loss=run.prev_train_loss,
                                  init_source=run.init_source, init_seed=run.init_seed, fingerprint=run.fingerprint,
                                  world_size=run.world_size)
+    if run.rank == 0:
         log_dir = run.cfg.log_dir
         try:
             first = os.path.join(log_dir, names[0])
@@ -1906,6 +2088,22 @@ def save_checkpoint(run, step, val_loss, names):
                         f"with --auto_resume")
 
 
+def sample_run(run, step):
+    """The generation samples at this step, from rank 0; under --fsdp every rank generates (rank 0's tokens) and
+    rank 0 writes."""
+    sync = (lambda ids: broadcast_ids(ids, run.device)) if is_fsdp(run.model) else None
+    with unsharded(run.model):
+        write_samples(run.model, run.enc, run.manifest.get("sample_prompts", []), run.cfg, step, run.device,
+                      run.autocast, run.log, sync)
+
+
+def nonfinite_weights(run):
+    """count_nonfinite of the whole model; under --fsdp every rank counts its shards and the counts are added up,
+    so that all ranks stop together."""
+    bad = count_nonfinite(run.model)
+    return int(all_reduce_sum([bad], run.device)[0]) if is_fsdp(run.model) else bad
+
+
 def diverged(run, step, what, lr):
     """The error that stops a run whose loss, gradients or weights are no longer finite (also in log.txt)."""
     message = (f"training diverged at step {step} ({what}; lr {lr:.2e}); nothing was saved from it. Lower --max_lr "
@@ -1921,7 +2119,6 @@ def train(cfg, given=frozenset()):
     with ExitStack() as cleanup:  # the lock, the log and the process group are released whatever happens
         run = start_run(cfg, given, cleanup)
         cfg, model, optimizer, loader, log = run.cfg, run.model, run.optimizer, run.loader, run.log
-        prompts = run.manifest.get("sample_prompts", [])
         if run.start_step == 0:  # step 0: the model before fine-tuning
             if run.val_stream is not None:
                 val_loss, per_category = evaluate_run(run, 0)
@@ -1929,7 +2126,7 @@ def train(cfg, given=frozenset()):
                     log.metrics({"step": 0, "val_loss": val_loss, "val_loss_per_category": per_category})
                     refresh_plot(cfg.log_dir, log)
             if run.enc is not None:
-                write_samples(model, run.enc, prompts, cfg, 0, run.device, run.autocast, log)
+                sample_run(run, 0)
 
         step = run.start_step
         while step < cfg.max_steps:
@@ -1950,7 +2147,7 @@ def train(cfg, given=frozenset()):
             if run.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            grad_norm = grad_norm.item()
+            grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
             if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):  # this step's update made them NaN/inf
                 raise diverged(run, step, f"loss {train_loss}, gradient norm {grad_norm}", lr)
             tokens_per_sec = cfg.total_batch_size / dt
@@ -1972,11 +2169,11 @@ def train(cfg, given=frozenset()):
                 if val_loss is not None:
                     refresh_plot(cfg.log_dir, log)
             if run.enc is not None and (step % cfg.generate_interval == 0 or last_step):
-                write_samples(model, run.enc, prompts, cfg, step, run.device, run.autocast, log)
+                sample_run(run, step)
             stopping = run.stop.agreed(run.device)
             names = [checkpoint_name(step)] if step % cfg.checkpoint_interval == 0 or last_step or stopping else []
             names += [BEST_NAME] if is_best else []
-            if names and count_nonfinite(model):
+            if names and nonfinite_weights(run):
                 raise diverged(run, step, "weights not finite", lr)  # e.g. a finite but huge update: never saved
             if names:
                 save_checkpoint(run, step, val_loss, names)
@@ -1986,6 +2183,8 @@ def train(cfg, given=frozenset()):
                        f"--auto_resume")
                 return EXIT_PREEMPTED
         run.stop.saved_exit_code = 0
+        log0(run, f"done. Judge the fine-tune against the model it started from: python model/eval_dolly.py "
+                  f"--data_dir {cfg.data_dir} --checkpoint start:{cfg.log_dir} --checkpoint {cfg.log_dir}")
         return 0
 
 
