@@ -35,7 +35,8 @@ def prepare_representative(out_dir):
     with open(source, "w", encoding="utf-8") as f:
         f.writelines(lines)
     shards = os.path.join(out_dir, "shards")
-    cmd = [sys.executable, os.path.join(ROOT, "model", "prepare_dolly.py"), "--input", source, "--output_dir", shards, "--quiet"]
+    script = os.path.join(ROOT, "model", "prepare_dolly.py")
+    cmd = [sys.executable, script, "--input", source, "--output_dir", shards, "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"preparing {DESCRIPTION} failed:\n{r.stdout[-1000:]}{r.stderr[-2000:]}")

@@ -17,15 +17,11 @@ instructions (--data_dir, one per category), 64 new tokens each with TrainConfig
 seeded generator per prompt, (c) generate_batch, all prompts in one left-padded batch, against (d) generate() one
 prompt at a time. In fp32 on a CPU both give the same tokens; the speed-up is printed (no goal).
 
-Measured on the 2-core dev VM (1 thread, 2026-11-30): small KV cache 6.9x no cache (108.4 vs 15.6 tok/s; bound by
-reading 119 MB of fp32 weights per token; 4.6x, 68.6 vs 14.9, before generation used a (C, vocab) copy of the output
-weight, which MKL reads ~2.7x faster one row at a time; --threads 2: 4.3x, 98.3 vs 22.6); 124M 11.1x (26.8 vs 2.4);
-training samples, 8 prompts of 14-307 tokens: one batch 2.1x one at a time (188 vs 90 tok/s); the quick-start model
-(--model quickstart, 6 prompts that fit its 256 tokens): 1.8x; 124M: 1.8x. 2026-12-01: small 6.4x
-(96.9 vs 15.1 tok/s), its training samples 2.2x.
+Cached generation reads every weight once per new token (bound by memory bandwidth); the uncached loop recomputes
+the whole sequence at every step (bound by compute, growing with the length). Latest figures: bench/README.md.
 
-Run (CPU; the small model takes ~1.5 minutes on a 2-core box, mostly in (b); the 124M shape needs far longer
-there, so run it on a bigger machine or a GPU):
+Run (CPU; most of the time goes to (b); the 124M shape takes far longer than the small one on a CPU, so run it on a
+bigger machine or a GPU):
     python bench/generate.py
     python bench/generate.py --threads 2 --rounds 5
     python bench/generate.py --model quickstart
@@ -56,8 +52,8 @@ SHAPES = {  # name: (n_layer, n_head, n_embd, block_size); vocab 50304 as build-
     "124M": (12, 12, 768, 1024),
 }
 PROMPT = format_prompt("Summarize the main idea of the text in two sentences.",
-                       "Virgin Australia, the trading name of Virgin Australia Airlines Pty Ltd, is an Australian-based "
-                       "airline. It is the largest airline by fleet size to use the Virgin brand.")
+                       "Virgin Australia, the trading name of Virgin Australia Airlines Pty Ltd, is an "
+                       "Australian-based airline. It is the largest airline by fleet size to use the Virgin brand.")
 
 # -----------------------------------------------------------------------------
 
@@ -117,7 +113,8 @@ def bench(shape, prompt, rounds, device):
     seconds, outputs = interleaved_rounds(METHODS, model, prompt, NEW_TOKENS, rounds, device, warmup=(prompt, 16))
     for name, out in outputs.items():
         if len(out) != NEW_TOKENS:
-            raise SystemExit(f"{shape}: {name} generated {len(out)} tokens, not {NEW_TOKENS} (EOT or block size); the timing would be off")
+            raise SystemExit(f"{shape}: {name} generated {len(out)} tokens, not {NEW_TOKENS} (EOT or block size); "
+                             f"the timing would be off")
     same = all(out == outputs["KV cache"] for out in outputs.values())
     print(f"{shape} ({n_params / 1e6:.1f}M params, {model.config.n_layer} layers, {model.config.n_embd} wide), "
           f"prompt {len(prompt)} + {NEW_TOKENS} new tokens, median of {rounds} interleaved rounds:")
@@ -133,29 +130,43 @@ def bench_samples(shape, prompts, rounds, device):
     model = build_model(shape, device)
     prompts = [p for p in prompts if len(p) < model.config.block_size]
     if not prompts:
-        print(f"{shape}: no sample prompt fits its {model.config.block_size}-token context; training-samples comparison skipped")
+        print(f"{shape}: no sample prompt fits its {model.config.block_size}-token context; "
+              f"training-samples comparison skipped")
         return
-    gens = lambda: [torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))]
-    methods = {"one at a time": lambda m, ps, n: [fd.generate(m, p, n, cfg.temperature, cfg.top_k, g) for p, g in zip(ps, gens())],
-               "one batch": lambda m, ps, n: fd.generate_batch(m, ps, n, cfg.temperature, cfg.top_k, gens())}
+
+    def gens():
+        return [torch.Generator(device=device).manual_seed(i) for i in range(len(prompts))]
+
+    def one_at_a_time(m, ps, n):
+        return [fd.generate(m, p, n, cfg.temperature, cfg.top_k, g) for p, g in zip(ps, gens())]
+
+    def one_batch(m, ps, n):
+        return fd.generate_batch(m, ps, n, cfg.temperature, cfg.top_k, gens())
+
+    methods = {"one at a time": one_at_a_time, "one batch": one_batch}
     n = cfg.generate_max_tokens
     seconds, outputs = interleaved_rounds(methods, model, prompts, n, rounds, device, warmup=(prompts[:2], 8))
-    print(f"{shape}: the training samples, {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens "
-          f"x {n} new tokens (temperature {cfg.temperature}, top-k {cfg.top_k}), median of {rounds} interleaved rounds:")
+    lengths = f"{min(map(len, prompts))}-{max(map(len, prompts))}"
+    print(f"{shape}: the training samples, {len(prompts)} prompts of {lengths} tokens x {n} new tokens "
+          f"(temperature {cfg.temperature}, top-k {cfg.top_k}), median of {rounds} interleaved rounds:")
     median = report(seconds, sum(len(o) for o in outputs["one batch"]))
     same = outputs["one batch"] == outputs["one at a time"]
-    # in fp32 on a CPU both give the same tokens (tested); other kernels (CUDA attention with a mask) may round differently
-    print(f"  same tokens from both: {'yes' if same else 'NO'}; one batch is {median['one at a time'] / median['one batch']:.1f}x "
-          f"one prompt at a time")
+    # in fp32 on a CPU both give the same tokens (tested); other kernels (CUDA attention with a mask) may round
+    # differently
+    speedup = median["one at a time"] / median["one batch"]
+    print(f"  same tokens from both: {'yes' if same else 'NO'}; one batch is {speedup:.1f}x one prompt at a time")
 
 
 def main():
     p = argparse.ArgumentParser(description="Benchmark generate() with and without the KV cache.")
     p.add_argument("--model", default="small", choices=[*SHAPES, "both"], help="model shape (random init, vocab 50304)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds; the median is reported")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's choice; 1, as the other benches: on a shared 2-core box one thread was the faster)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0 = torch's choice; 1, as the other benches: on a shared machine other "
+                        "jobs take the second core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
-    p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"), help="prepared data, for the training samples' prompts")
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "dolly15k"),
+                   help="prepared data, for the training samples' prompts")
     args = p.parse_args()
     if args.rounds < 1:
         p.error(f"--rounds must be positive, got {args.rounds}")
@@ -166,7 +177,8 @@ def main():
     manifest = os.path.join(args.data_dir, "manifest.json")
     if os.path.isfile(manifest):  # the val instructions the trainer samples from (model/prepare_dolly.py)
         with open(manifest) as f:
-            prompts = [enc.encode_ordinary(format_prompt(p["instruction"], p["context"])) for p in json.load(f)["sample_prompts"]]
+            sample_prompts = json.load(f)["sample_prompts"]
+        prompts = [enc.encode_ordinary(format_prompt(p["instruction"], p["context"])) for p in sample_prompts]
     else:
         prompts = []
         print(f"no {manifest}: the training-samples comparison is skipped (run model/prepare_dolly.py)")
@@ -175,14 +187,15 @@ def main():
     missed = 0
     for shape in (["small", "124M"] if args.model == "both" else [args.model]):
         if len(prompt) + NEW_TOKENS > SHAPES[shape][3]:
-            print(f"{shape}: its {SHAPES[shape][3]}-token context cannot hold {len(prompt)} + {NEW_TOKENS} tokens; KV cache comparison skipped")
+            print(f"{shape}: its {SHAPES[shape][3]}-token context cannot hold {len(prompt)} + {NEW_TOKENS} tokens; "
+                  f"KV cache comparison skipped")
         else:
             median, same = bench(shape, prompt, args.rounds, args.device)
             ratio = median["no cache"] / median["KV cache"]
             ok = ratio >= GOAL and same
             missed += not ok
-            print(f"{'PASS' if ok else 'MISS'}: {shape}: KV cache is {ratio:.1f}x no cache in new tokens/s at {NEW_TOKENS} new tokens "
-                  f"(goal >= {GOAL:g}x{'' if same else '; and the tokens differ'})")
+            print(f"{'PASS' if ok else 'MISS'}: {shape}: KV cache is {ratio:.1f}x no cache in new tokens/s "
+                  f"at {NEW_TOKENS} new tokens (goal >= {GOAL:g}x{'' if same else '; and the tokens differ'})")
         if prompts:
             bench_samples(shape, prompts, args.rounds, args.device)  # a speed-up to read, no goal
     return 1 if missed else 0

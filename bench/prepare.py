@@ -7,24 +7,17 @@ Throughput of model/prepare_dolly.py against two simpler ways of tokenizing the 
                       one uint16 array, np.save. The floor any preparation script pays.
     (c) datasets.map  nanoGPT-style: Dataset.from_list(records).map(tokenize), then np.save of the concatenation.
 
-All three read the same file and share one tokenizer, built once before timing (it is a fixed start-up cost of
-~0.1 s that is the same for all of them). Rounds are interleaved (a, b, c, a, b, c, ...) so drift in machine load
-hits all three alike; the median round is reported, with the median CPU time of this process beside it (less
-disturbed when other jobs share the machine). Goals:
+All three read the same file and share one tokenizer, built once before timing (a fixed start-up cost, the same
+for all of them). Rounds are interleaved (a, b, c, a, b, c, ...) so drift in machine load hits all three alike; the
+median round is reported, with the median CPU time of this process beside it (less disturbed when other jobs share
+the machine). prepare tokenizes 256 records per call on several threads, which is how it can beat the plain loop
+while doing more: the source hash, field checks, dedup and split, masks, categories and six fsync'ed files. Pinned
+to one CPU (`taskset -c 0`: no threads) those extras show. Goals:
     prepare >= 0.9x the plain loop (the extras cost little)      prepare >= 2x datasets.map
+The latest figures are in bench/README.md.
 
-Measured on the 2-core dev VM (shared with other jobs), 2026-11-30: prepare 0.93-1.21x the plain loop (0.64-0.88x
-in CPU time: its tokenizer threads contend for the GIL) and 3.7-4.7x datasets.map. prepare then tokenized in groups of
-512 texts joined by the EOT special token, on two threads here: 1.9x faster than a call per text; the rest of its
-time is what the plain loop skips: the source hash (~10 ms), field checks, dedup and split (~8 ms), masks,
-categories and six fsync'ed files (~8 ms). Pinned to one CPU (`taskset -c 0`, no threads) it is 0.79x the plain
-loop, as before the groups (0.76-0.87x). 2026-12-01, with slices instead of np.split to cut each group's ids (8.8 -> 1.9
-ms on the sample): 1.12-1.32x and 4.6-5.0x; pinned to one CPU 0.80-0.95x (the ~30 ms of extras above remain). Later
-on 2026-12-01, with one text per 256 records (prompt<EOT>response<EOT>...) whose ids go into the shards as they come,
-minus the EOTs after the prompts (no per-text arrays): 1.17-1.18x and 4.8x; pinned to one CPU 0.84-0.86x over three
-runs (0.83x just before on the same machine).
-
-Run (CPU only, ~10 s on the bundled 3,105-record sample; it prints PASS/MISS per goal, --strict exits 1 on a MISS):
+Run (CPU only, on the bundled 3,105-record sample by default; it prints PASS/MISS per goal, --strict exits 1 on a
+MISS):
     python bench/prepare.py
     python bench/prepare.py --input databricks-dolly-15k.jsonl --rounds 7
 """
@@ -71,7 +64,8 @@ def run_plain_loop(path, out_dir, enc):
             if not line.strip():
                 continue
             r = json.loads(line)
-            ids += enc.encode_ordinary(prepare_dolly.format_prompt(r["instruction"], r["context"]) + r["response"].strip())
+            text = prepare_dolly.format_prompt(r["instruction"], r["context"]) + r["response"].strip()
+            ids += enc.encode_ordinary(text)
             ids.append(prepare_dolly.EOT)
     tokens = np.array(ids, dtype=np.uint16)
     np.save(os.path.join(out_dir, "plain.npy"), tokens)
@@ -142,8 +136,9 @@ def main():
     median_cpu = {name: statistics.median(s) for name, s in cpu_seconds.items()}
     for name in METHODS:
         print(f"  {name:13s} {median[name] * 1000:8.1f} ms | {n_records / median[name]:10,.0f} records/s | "
-              f"{tokens[name] / median[name]:12,.0f} tokens/s | {tokens[name]:,d} tokens | min {min(seconds[name]) * 1000:.1f} ms, "
-              f"max {max(seconds[name]) * 1000:.1f} ms | cpu {median_cpu[name] * 1000:.1f} ms")
+              f"{tokens[name] / median[name]:12,.0f} tokens/s | {tokens[name]:,d} tokens | "
+              f"min {min(seconds[name]) * 1000:.1f} ms, max {max(seconds[name]) * 1000:.1f} ms | "
+              f"cpu {median_cpu[name] * 1000:.1f} ms")
     # prepare writes fewer tokens than the other two (duplicates dropped), so compare records/s, i.e. time per input
     missed = 0
     for name, baseline, goal in GOALS:

@@ -85,8 +85,8 @@ def respond(model, enc, instruction, context="", max_new_tokens=256, temperature
                 started = bool(piece)
             if piece:
                 on_text(piece)
-    tokens = fd.generate(model, prompt, max_new_tokens, temperature, top_k, generator, autocast=autocast, on_token=on_token,
-                         output_layer=output_layer)
+    tokens = fd.generate(model, prompt, max_new_tokens, temperature, top_k, generator,
+                         autocast=autocast, on_token=on_token, output_layer=output_layer)
     if len(tokens) >= max_new_tokens:
         stop = "max_new_tokens"
     elif len(prompt) + len(tokens) > block_size:  # generate() stops once the sequence outgrows the block
@@ -130,11 +130,15 @@ def chat_loop(model, enc, args, generator, autocast):
             return 0
         if line.lower().startswith("context:"):
             context = line[len("context:"):].strip()
-            print(f"(context of {len(context)} characters set for the next instruction)" if context else "(context cleared)")
+            if context:
+                print(f"(context of {len(context)} characters set for the next instruction)")
+            else:
+                print("(context cleared)")
             continue
         try:
-            text, stop = respond(model, enc, line, context, args.max_new_tokens, args.temperature, args.top_k, generator,
-                              autocast, on_text=lambda piece: print(piece, end="", flush=True), output_layer=output_layer)
+            text, stop = respond(model, enc, line, context, args.max_new_tokens, args.temperature, args.top_k,
+                                 generator, autocast, on_text=lambda piece: print(piece, end="", flush=True),
+                                 output_layer=output_layer)
             print()
             note = stop_note(stop, args.max_new_tokens, model.config.block_size, text)
             if note:
@@ -158,7 +162,8 @@ def get_args(argv=None):
                         "folder")
     p.add_argument("--prompt", default=None, help="one instruction: print the response and exit (default: interactive)")
     p.add_argument("--context", default="", help="context for --prompt (the Dolly 'context' field)")
-    p.add_argument("--seed", type=int, default=1337, help="sampling seed; the same seed and prompt give the same answer")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="sampling seed; the same seed and prompt give the same answer")
     p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per answer")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
@@ -186,7 +191,8 @@ def main(argv=None):
             enc = get_tokenizer(verbose=False)
         model.to(device).eval()
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"loaded {source}: {n_params / 1e6:.1f}M params, context {model.config.block_size} tokens, on {device}", file=sys.stderr)
+        print(f"loaded {source}: {n_params / 1e6:.1f}M params, context {model.config.block_size} tokens, "
+              f"on {device}", file=sys.stderr)
         _, autocast = fd.pick_autocast(device.split(":")[0])
         generator = torch.Generator(device=device).manual_seed(args.seed)
         if args.prompt is None:

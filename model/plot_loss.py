@@ -5,9 +5,9 @@ Top panel: train loss (every step) and val loss (eval steps, step 0 = before fin
 Bottom panel, when the log has it: val loss per Dolly category, one thin line each.
 
 Run:
-    python model/plot_loss.py logs_finetune/metrics.jsonl            # writes logs_finetune/loss.png
-    python model/plot_loss.py logs_finetune                          # the same: a --log_dir means its metrics.jsonl
-    python model/plot_loss.py logs_finetune -o run1.pdf              # the format follows the extension (png, jpg, pdf, svg, ...)
+    python model/plot_loss.py logs_finetune/metrics.jsonl    # writes logs_finetune/loss.png
+    python model/plot_loss.py logs_finetune                  # the same: a --log_dir means its metrics.jsonl
+    python model/plot_loss.py logs_finetune -o run1.pdf      # the format follows the extension: png, jpg, pdf, svg, ...
 
 finetune_dolly.py calls plot_metrics() to refresh {log_dir}/loss.png at each eval. matplotlib is optional:
 without it plot_metrics raises PlotError saying how to install it, and training is unaffected.
@@ -24,7 +24,8 @@ import sys
 
 
 class PlotError(Exception):
-    """A problem the user can fix (missing or empty metrics file, no matplotlib, unknown image format); printed as one line."""
+    """A problem the user can fix (missing or empty metrics file, no matplotlib, unknown image format); printed as
+    one line."""
 
 
 def metrics_file(path):
@@ -33,8 +34,8 @@ def metrics_file(path):
         return path
     metrics_path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
-        raise PlotError(f"{os.path.join(path, '')} holds no metrics.jsonl; pass a fine-tune --log_dir once its run has started "
-                        f"(e.g. logs_finetune), or the metrics.jsonl itself")
+        raise PlotError(f"{os.path.join(path, '')} holds no metrics.jsonl; pass a fine-tune --log_dir once its run "
+                        f"has started (e.g. logs_finetune), or the metrics.jsonl itself")
     return metrics_path
 
 
@@ -54,7 +55,8 @@ def read_metrics(metrics_path):
         try:
             record = json.loads(line)
             step = int(record["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):  # OverflowError: "step": Infinity
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError,
+                OverflowError):  # OverflowError: "step": Infinity
             if lineno == len(lines):
                 continue  # the trainer may be writing this line right now
             raise PlotError(f"{metrics_path}:{lineno}: not a metrics record (expected JSON with a 'step'); "
@@ -109,8 +111,12 @@ def plot_metrics(metrics_path, out_png=None):
     fmt = os.path.splitext(out_png)[1][1:].lower()
     formats = FigureCanvasBase.get_supported_filetypes()  # extension -> name: png, jpg, pdf, svg, ...
     if fmt not in formats:  # checked before drawing: nothing is written
-        what = f".{fmt} is not an image format matplotlib writes" if fmt else "no file extension to take the image format from"
-        raise PlotError(f"{out_png}: {what}; name the output .png, .jpg, .pdf or .svg (or {', '.join(sorted(formats))})")
+        if fmt:
+            what = f".{fmt} is not an image format matplotlib writes"
+        else:
+            what = "no file extension to take the image format from"
+        raise PlotError(f"{out_png}: {what}; name the output .png, .jpg, .pdf or .svg "
+                        f"(or {', '.join(sorted(formats))})")
 
     train_steps, train_loss = _points(records, "train_loss")
     val_steps, val_loss = _points(records, "val_loss")

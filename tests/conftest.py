@@ -26,24 +26,27 @@ TINY = ["--pretrained_checkpoint", "none", "--n_layer", "2", "--n_head", "2", "-
 
 
 def prepare(out_dir, *extra):
-    subprocess.run([PYTHON, os.path.join(ROOT, "model", "prepare_dolly.py"), "--output_dir", str(out_dir), "--quiet", *extra],
+    script = os.path.join(ROOT, "model", "prepare_dolly.py")
+    subprocess.run([PYTHON, script, "--output_dir", str(out_dir), "--quiet", *extra],
                    check=True, capture_output=True, cwd=ROOT)
     return str(out_dir)
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """The bundled Dolly sample, prepared once per session (offline, ~1 s)."""
+    """The bundled Dolly sample, prepared once per session (offline)."""
     return prepare(tmp_path_factory.mktemp("dolly"))
 
 
 def trainer_cmd(data_dir, log_dir, *extra):
-    return [PYTHON, os.path.join(ROOT, "model", "finetune_dolly.py"), "--data_dir", str(data_dir), "--log_dir", str(log_dir), *TINY, *extra]
+    script = os.path.join(ROOT, "model", "finetune_dolly.py")
+    return [PYTHON, script, "--data_dir", str(data_dir), "--log_dir", str(log_dir), *TINY, *extra]
 
 
 def run_trainer(data_dir, log_dir, *extra, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(trainer_cmd(data_dir, log_dir, *extra), capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    return subprocess.run(trainer_cmd(data_dir, log_dir, *extra), capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
 
 
 def read_metrics(log_dir, drop=("tokens_per_sec",)):

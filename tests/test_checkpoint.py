@@ -30,8 +30,8 @@ def metrics_step(log_dir):
 
 
 def start_trainer(data_dir, log_dir, *extra):
-    return subprocess.Popen(trainer_cmd(data_dir, log_dir, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(trainer_cmd(data_dir, log_dir, *extra), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def final_weights(log_dir, step=6):
@@ -109,11 +109,12 @@ def test_checkpoint_holds_the_full_state_and_loads_weights_only(reference):
     assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
     assert ckpt["init_source"] == "random"
     # rotation kept the newest three, best is kept apart
-    assert [s for s, _ in fd.list_checkpoints(reference)] == [2, 4, 6] and os.path.exists(os.path.join(reference, "model_best.pt"))
-    best = torch.load(os.path.join(reference, "model_best.pt"), weights_only=True)
+    best_path = os.path.join(reference, "model_best.pt")
+    assert [s for s, _ in fd.list_checkpoints(reference)] == [2, 4, 6] and os.path.exists(best_path)
+    best = torch.load(best_path, weights_only=True)
     assert best["val_loss"] == min(m["val_loss"] for m in read_metrics(reference) if "val_loss" in m)
     # best on a checkpoint step: the checkpoint's file under a second name (serialized once), not a second copy
-    assert os.path.samefile(os.path.join(reference, "model_best.pt"), os.path.join(reference, fd.checkpoint_name(best["step"])))
+    assert os.path.samefile(best_path, os.path.join(reference, fd.checkpoint_name(best["step"])))
 
 
 def test_atomic_link_copies_where_there_are_no_hard_links(tmp_path, monkeypatch):
@@ -256,7 +257,8 @@ def test_no_fresh_start_over_checkpoints_that_do_not_load(data_dir, tmp_path, re
     assert r.returncode == 1 and "holds checkpoints of an earlier run" in r.stderr and "Traceback" not in r.stderr
     assert files_in(log) == before
     # where nothing can be overwritten, the guide's fallback: the pretrained model (here 'none': a random init)
-    r = run_trainer(data_dir, tmp_path / "empty", "--resume", "--checkpoint_path", str(log / "model_00006.pt"), "--max_steps", "1")
+    r = run_trainer(data_dir, tmp_path / "empty", "--resume", "--checkpoint_path", str(log / "model_00006.pt"),
+                    "--max_steps", "1")
     assert r.returncode == 0 and "falling back to the pretrained model" in r.stdout and "fresh start" in r.stdout
 
 
@@ -272,8 +274,8 @@ def test_disk_full_during_a_save_stops_with_a_one_line_error(data_dir, tmp_path)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
 
-    r = subprocess.run(trainer_cmd(data_dir, log, "--auto_resume", "--max_steps", "4"), capture_output=True, text=True, cwd=ROOT,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit_file_size)
+    r = subprocess.run(trainer_cmd(data_dir, log, "--auto_resume", "--max_steps", "4"), capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit_file_size)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "checkpoint save failed" in r.stderr and "MiB free there" in r.stdout
     assert (log / "model_00002.pt").read_bytes() == saved
@@ -284,7 +286,8 @@ def test_disk_full_during_a_save_stops_with_a_one_line_error(data_dir, tmp_path)
                                          ("1e39", "weights not finite")])  # a finite step's update overflows float32
 def test_a_diverged_run_stops_and_saves_nothing_from_it(data_dir, tmp_path, max_lr, why):
     log = tmp_path / "log"
-    r = run_trainer(data_dir, log, "--max_lr", max_lr, "--min_lr", "0", "--warmup_steps", "0", "--checkpoint_interval", "1")
+    r = run_trainer(data_dir, log, "--max_lr", max_lr, "--min_lr", "0", "--warmup_steps", "0",
+                    "--checkpoint_interval", "1")
     assert r.returncode == 1 and "training diverged at step" in r.stderr and why in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     step = int(r.stderr.split("training diverged at step ")[1].split()[0])
@@ -305,7 +308,8 @@ def test_count_nonfinite_finds_nan_and_inf_but_not_a_sum_that_overflows():
     assert fd.count_nonfinite(model) == 2
 
 
-@pytest.mark.parametrize("saved_exit_code, expected", [(None, 128 + signal.SIGTERM), (fd.EXIT_PREEMPTED, fd.EXIT_PREEMPTED)])
+@pytest.mark.parametrize("saved_exit_code, expected", [(None, 128 + signal.SIGTERM),
+                                                       (fd.EXIT_PREEMPTED, fd.EXIT_PREEMPTED)])
 def test_a_second_signal_exits_with_the_runs_status_once_it_is_saved(saved_exit_code, expected):
     """After the stop's checkpoint is saved, the process may still take a few seconds to exit: a second SIGTERM
     then must not turn 75 ('saved, requeue me') into 143."""

@@ -22,7 +22,8 @@ def tiny_gpt(seed=0, vocab_size=PADDED_VOCAB, n_layer=2, n_head=2, n_embd=32, bl
     """A tiny random GPT. std: redraw every parameter from N(0, std), so attention and the LayerNorms do real work
     (GPT-2's init gives near-uniform attention and near-zero logits, which hide position and cache bugs)."""
     torch.manual_seed(seed)
-    model = fd.GPT(fd.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    config = fd.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    model = fd.GPT(config)
     if std is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -43,7 +44,8 @@ def assert_same_weights(model, reference):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models are fastest on one thread, and much faster on a shared, loaded machine (10x here)."""
+    """Tiny models are fastest on one thread: more threads only add synchronisation, and on a shared, loaded
+    machine they wait for each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -57,8 +59,10 @@ def one_thread():
 def hf_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
-    with torch.no_grad():  # nonzero biases, non-unit LayerNorms, larger weights: a missed transpose or a wrong GELU shows
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    hf = transformers.GPT2LMHeadModel(config)
+    # nonzero biases, non-unit LayerNorms, larger weights: a missed transpose or a wrong GELU shows
+    with torch.no_grad():
         for name, p in hf.named_parameters():
             p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.2)
     hf.eval()
@@ -70,7 +74,8 @@ def hf_dir(tmp_path_factory):
 def test_from_pretrained_matches_transformers_logits(hf_dir):
     path, hf = hf_dir
     model = fd.GPT.from_pretrained(str(path)).eval()
-    assert (model.config.n_layer, model.config.n_head, model.config.n_embd, model.config.block_size, model.config.vocab_size) == (2, 2, 32, 64, 50257)
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (2, 2, 32, 64, 50257)
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(idx).logits
@@ -147,7 +152,8 @@ def test_load_bare_state_dict_infers_shape(tmp_path):
     path = tmp_path / "bare.pt"
     torch.save({"_orig_mod." + k: v for k, v in reference.state_dict().items()}, path)
     model, source = fd.load_pretrained(cfg_for(path))
-    assert model.config == fd.GPTConfig(block_size=48, vocab_size=50304, n_layer=3, n_head=2, n_embd=128)  # heads 64 wide
+    # n_head read as n_embd // 64: GPT-2's heads are 64 wide
+    assert model.config == fd.GPTConfig(block_size=48, vocab_size=50304, n_layer=3, n_head=2, n_embd=128)
     assert_same_weights(model, reference)
     assert source == f"pretrained:{path}"  # no step in a bare state dict
 
@@ -187,13 +193,14 @@ def test_malicious_pickle_is_refused(evil_checkpoint):
 
 def test_malicious_pickle_is_refused_by_the_cli(root, evil_checkpoint, data_dir, tmp_path):
     path, marker = evil_checkpoint
-    proc = subprocess.run([sys.executable, os.path.join(root, "model", "finetune_dolly.py"), "--pretrained_checkpoint", str(path),
-                           "--data_dir", str(data_dir), "--log_dir", str(tmp_path / "logs"), "--device", "cpu", "--compile", "off"],
-                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    cmd = [sys.executable, os.path.join(root, "model", "finetune_dolly.py"), "--pretrained_checkpoint", str(path),
+           "--data_dir", str(data_dir), "--log_dir", str(tmp_path / "logs"), "--device", "cpu", "--compile", "off"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "refusing to load" in errors[0] and "only load files you trust" in errors[0], proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert "refusing to load" in errors[0] and "only load files you trust" in errors[0], proc.stderr
     assert not marker.exists()
 
 
@@ -209,7 +216,8 @@ def test_wrong_shape_names_the_key(tmp_path):
     sd = reference.state_dict()
     sd["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(63, 16)
     write_with_config(tmp_path / "bad.pt", sd, reference.config)
-    with pytest.raises(fd.UserError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight: checkpoint \(63, 16\) vs model \(64, 16\)"):
+    expected = r"transformer\.h\.1\.mlp\.c_fc\.weight: checkpoint \(63, 16\) vs model \(64, 16\)"
+    with pytest.raises(fd.UserError, match=expected):
         fd.load_pretrained(cfg_for(tmp_path / "bad.pt"))
 
 
@@ -220,7 +228,8 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     write_with_config(tmp_path / "missing.pt", sd, reference.config)
     with pytest.raises(fd.UserError, match=r"missing keys \['transformer\.h\.0\.ln_2\.bias'\]"):
         fd.load_pretrained(cfg_for(tmp_path / "missing.pt"))
-    sd = dict(reference.state_dict(), **{"transformer.h.2.ln_1.weight": torch.ones(16)})  # a third layer the config lacks
+    # a third layer the config lacks
+    sd = dict(reference.state_dict(), **{"transformer.h.2.ln_1.weight": torch.ones(16)})
     write_with_config(tmp_path / "extra.pt", sd, reference.config)
     with pytest.raises(fd.UserError, match=r"unexpected keys \['transformer\.h\.2\.ln_1\.weight'\]"):
         fd.load_pretrained(cfg_for(tmp_path / "extra.pt"))
@@ -265,7 +274,8 @@ def test_target_cross_entropy_matches_plain(reduction):
         assert err_ours <= 2 * err_plain + 1e-7, (name, err_ours, err_plain)  # as close to exact as the plain fp32 one
     with torch.no_grad():  # the no-grad path (evaluation) gives the same value, and per-row losses
         torch.testing.assert_close(fd.target_cross_entropy(h0, w0, t, reduction), plain[0], rtol=1e-5, atol=0)
-        torch.testing.assert_close(fd.target_cross_entropy(h0, w0, t, "none"), F.cross_entropy(h0 @ w0.t(), t, reduction="none"), rtol=1e-5, atol=1e-6)
+        per_row = F.cross_entropy(h0 @ w0.t(), t, reduction="none")
+        torch.testing.assert_close(fd.target_cross_entropy(h0, w0, t, "none"), per_row, rtol=1e-5, atol=1e-6)
 
 
 def test_target_cross_entropy_under_bf16_autocast():
@@ -307,7 +317,8 @@ def test_model_loss_and_grads_match_full_logits():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item(), msg=n)
     with torch.no_grad():  # evaluation: reduction='none' gives the loss of each target position, in order
         _, losses = model(idx, targets, reduction="none")
-        full = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), reduction="none", ignore_index=fd.IGNORE_INDEX)
+        full = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), reduction="none",
+                               ignore_index=fd.IGNORE_INDEX)
     torch.testing.assert_close(losses, full[targets.view(-1) != fd.IGNORE_INDEX], rtol=1e-5, atol=1e-6)
 
 
@@ -326,8 +337,9 @@ def test_training_step_finds_target_positions_on_the_host():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
             flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
-            if name in ("nonzero", "masked_select", "_local_scalar_dense", "unique") or (
-                    name.startswith("index") and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in flat)):
+            bool_index = name.startswith("index") and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in flat)
+            if name in ("nonzero", "masked_select", "_local_scalar_dense", "unique") or bool_index:
                 self.seen.append(name)
             return func(*args, **(kwargs or {}))
 
@@ -349,7 +361,8 @@ def test_training_step_finds_target_positions_on_the_host():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the rest of train()'s step
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        assert ops.seen == ([] if isinstance(given, tuple) else ["nonzero"]), ops.seen  # the (B, T) form finds them itself
+        # the (B, T) form finds the positions itself
+        assert ops.seen == ([] if isinstance(given, tuple) else ["nonzero"]), ops.seen
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
     calls = []
@@ -445,7 +458,7 @@ def test_tied_weight_gradient_uses_one_vocab_sized_buffer():
 
 def test_chunked_loss_writes_every_chunk_into_one_logits_buffer():
     """Three chunks of logits, one (chunk, vocab) allocation, in training and in evaluation: a fresh ~64 MB tensor per
-    chunk is fresh memory from the OS on a CPU, and its page faults slowed the output layer ~1.4x."""
+    chunk is fresh memory from the OS on a CPU, and its page faults slow the output layer."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -456,7 +469,8 @@ def test_chunked_loss_writes_every_chunk_into_one_logits_buffer():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            inputs = {t.untyped_storage().data_ptr() for t in tensors}
             for t in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(t, torch.Tensor) and t.dim() == 2 and t.size(1) == self.vocab and t.numel() > 0 \
                         and t.untyped_storage().data_ptr() not in inputs:  # new memory, not written in place or out=
@@ -472,7 +486,8 @@ def test_chunked_loss_writes_every_chunk_into_one_logits_buffer():
     with torch.no_grad(), NewVocabWideTensors(V) as evaluation:
         losses = fd.target_cross_entropy(h, w, t, reduction="none")
     assert (training.count, evaluation.count) == (1, 1)
-    torch.testing.assert_close(losses, F.cross_entropy(h.detach() @ w.detach().t(), t, reduction="none"), rtol=1e-5, atol=1e-5)
+    expected = F.cross_entropy(h.detach() @ w.detach().t(), t, reduction="none")
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -545,7 +560,8 @@ def test_generation_stops_at_eot():
         assert int(model(torch.tensor([[1, 2]]))[0][0, -1].argmax()) == EOT
     for use_cache in (True, False):
         assert fd.generate(model, [1, 2, 3], 30, temperature=0, use_cache=use_cache) == []
-        assert fd.generate(model, [1, 2, 3], 30, temperature=1.0, generator=torch.Generator().manual_seed(0), use_cache=use_cache) == []
+        g = torch.Generator().manual_seed(0)
+        assert fd.generate(model, [1, 2, 3], 30, temperature=1.0, generator=g, use_cache=use_cache) == []
 
 
 def test_generation_returns_tokens_before_eot_and_stops(monkeypatch):
@@ -564,7 +580,8 @@ def test_generation_returns_tokens_before_eot_and_stops(monkeypatch):
         model = fd.GPT(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
         head = ScriptedHead()
         monkeypatch.setattr(fd, "generation_output_layer", lambda model, autocast=None: head)
-        assert fd.generate(model, [1, 2], 30, temperature=0.8, generator=torch.Generator().manual_seed(0), use_cache=use_cache) == [5, 6, 7]
+        g = torch.Generator().manual_seed(0)
+        assert fd.generate(model, [1, 2], 30, temperature=0.8, generator=g, use_cache=use_cache) == [5, 6, 7]
         assert head.calls == 4  # nothing after the EOT
 
 

@@ -1,5 +1,5 @@
 """Tests of the tools around the trainer: model/plot_loss.py (loss.png) and model/chat.py (talking to a checkpoint).
-CPU only, no downloads; the chat tests share one 2-step fine-tune of a tiny model (~15 s)."""
+CPU only, no downloads; the chat tests share one 2-step fine-tune of a tiny model."""
 
 import io
 import json
@@ -33,7 +33,7 @@ def enc():
 
 @pytest.fixture(autouse=True)
 def shared_tokenizer(enc, monkeypatch):
-    """chat.main's tokenizer, built once: offline, reading the bundled ranks costs ~1 s per call."""
+    """chat.main's tokenizer, built once: offline, each call would read the bundled rank file again."""
     monkeypatch.setattr(chat, "get_tokenizer", lambda verbose=True: enc)
 
 
@@ -44,9 +44,11 @@ def shared_tokenizer(enc, monkeypatch):
 def write_metrics(path, steps=8, eval_every=4, partial_last_line=False):
     """A metrics.jsonl as the trainer writes it: step 0 has no train_loss; eval steps carry val losses per category."""
     with open(path, "w") as f:
-        f.write(json.dumps({"step": 0, "val_loss": 3.0, "val_loss_per_category": {c: 3.0 + 0.1 * i for i, c in enumerate(CATEGORIES)}}) + "\n")
+        per_cat = {c: 3.0 + 0.1 * i for i, c in enumerate(CATEGORIES)}
+        f.write(json.dumps({"step": 0, "val_loss": 3.0, "val_loss_per_category": per_cat}) + "\n")
         for step in range(1, steps + 1):
-            record = {"step": step, "train_loss": 3.0 - 0.05 * step, "lr": 6e-5, "grad_norm": 1.0, "tokens_per_sec": 1e4}
+            record = {"step": step, "train_loss": 3.0 - 0.05 * step, "lr": 6e-5, "grad_norm": 1.0,
+                      "tokens_per_sec": 1e4}
             if step % eval_every == 0:
                 per_cat = {c: 2.9 - 0.02 * step + 0.1 * i for i, c in enumerate(CATEGORIES)}
                 per_cat["open_qa"] = None  # a category without val tokens in the evaluated slice
@@ -124,7 +126,8 @@ def test_plot_takes_a_log_dir(root, tmp_path):
 
 def test_plot_format_follows_the_extension(tmp_path, capsys):
     metrics = str(write_metrics(tmp_path / "metrics.jsonl"))
-    magic = {"x.jpg": b"\xff\xd8\xff", "x.JPEG": b"\xff\xd8\xff", "x.pdf": b"%PDF", "x.svg": b"<?xml", "x.png": PNG_MAGIC}
+    magic = {"x.jpg": b"\xff\xd8\xff", "x.JPEG": b"\xff\xd8\xff", "x.pdf": b"%PDF", "x.svg": b"<?xml",
+             "x.png": PNG_MAGIC}
     for name, head in magic.items():
         assert plot_loss.main([metrics, "-o", str(tmp_path / name)]) == 0
         assert (tmp_path / name).read_bytes().startswith(head), name
@@ -141,7 +144,8 @@ def test_plot_leaves_out_malformed_values(tmp_path):
     records = [{"step": 0, "val_loss": 3.0, "val_loss_per_category": {"open_qa": 3.0}},
                {"step": 1, "train_loss": "2.9", "val_loss": True, "val_loss_per_category": [2.9, 2.8]},
                {"step": 2, "train_loss": 2.8, "val_loss_per_category": "open_qa"},
-               {"step": "3", "train_loss": 2.7, "val_loss": 2.6, "val_loss_per_category": {"open_qa": [1], "closed_qa": 2.5}}]
+               {"step": "3", "train_loss": 2.7, "val_loss": 2.6,
+                "val_loss_per_category": {"open_qa": [1], "closed_qa": 2.5}}]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert_png(plot_loss.plot_metrics(str(path)))
@@ -160,7 +164,8 @@ def tiny_run(root, tmp_path_factory):
     assert prepare_dolly.main(["--output_dir", data, "--quiet"]) == 0
     r = run(root, "model/finetune_dolly.py", "--data_dir", data, "--log_dir", logs, "--pretrained_checkpoint", "none",
             "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64", "--sequence_length", "64",
-            "--batch_size", "4", "--total_batch_size", "512", "--max_steps", "2", "--generate_interval", "0", "--val_tokens", "512")
+            "--batch_size", "4", "--total_batch_size", "512", "--max_steps", "2", "--generate_interval", "0",
+            "--val_tokens", "512")
     assert r.returncode == 0, r.stderr
     return logs
 
@@ -171,11 +176,13 @@ def test_plot_of_a_real_run(tiny_run, tmp_path):
 
 def test_chat_one_shot_is_deterministic_per_seed(root, tiny_run, capsys):
     ckpt = os.path.join(tiny_run, "model_00002.pt")
-    args = ["model/chat.py", "--checkpoint", ckpt, "--prompt", "Name three birds.", "--max_new_tokens", "20", "--device", "cpu"]
-    # two separate processes, started together to halve the wait on a 2-core box
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads; two processes would fight for them
-    procs = [subprocess.Popen([sys.executable, *args, "--seed", "1"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
+    args = ["model/chat.py", "--checkpoint", ckpt, "--prompt", "Name three birds.", "--max_new_tokens", "20",
+            "--device", "cpu"]
+    # two separate processes, started together so that their start-ups overlap; a tiny model gains nothing from
+    # threads, and two processes would fight for them
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *args, "--seed", "1"], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     (out1, err1), (out2, _) = (p.communicate(timeout=120) for p in procs)
     assert [p.returncode for p in procs] == [0, 0], err1
     assert out1.strip() and out1 == out2  # stdout holds only the answer
@@ -243,9 +250,11 @@ def test_chat_interactive_loop(tiny_run, monkeypatch, capsys):
         return real_respond(model, enc, instruction, context, *args, **kwargs)
 
     monkeypatch.setattr(chat, "respond", spy)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("context: Birds fly.\nName three birds.\n\nAgain?\nquit\nnever read\n"))
+    typed = "context: Birds fly.\nName three birds.\n\nAgain?\nquit\nnever read\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
     assert chat.main(["--checkpoint", tiny_run, "--max_new_tokens", "5"]) == 0
-    assert seen == [("Name three birds.", "Birds fly."), ("Again?", "")]  # a context goes with the next instruction only
+    # a context goes with the next instruction only
+    assert seen == [("Name three birds.", "Birds fly."), ("Again?", "")]
     out = capsys.readouterr().out
     assert out.startswith(chat.HELP_LINE) and "context of 10 characters" in out and "[cut at --max_new_tokens 5]" in out
 
@@ -274,18 +283,20 @@ def model_that_always_says(token, block_size=32):
 def test_chat_stops_at_eot(enc):
     pieces = []
     for temperature in (0.0, 0.8):
-        text, stop = chat.respond(model_that_always_says(EOT), enc, "Say hi", max_new_tokens=50, temperature=temperature,
-                                  generator=torch.Generator().manual_seed(0), on_text=pieces.append)
+        text, stop = chat.respond(model_that_always_says(EOT), enc, "Say hi", max_new_tokens=50,
+                                  temperature=temperature, generator=torch.Generator().manual_seed(0),
+                                  on_text=pieces.append)
         assert (text, stop) == ("", "eot")
     assert pieces == []  # the EOT itself is never streamed
 
 
 def test_chat_without_eot_stops_at_the_limits(enc):
     hi = enc.encode_ordinary(" hi")[0]
-    text, stop = chat.respond(model_that_always_says(hi), enc, "Say hi", max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    model = model_that_always_says(hi)
+    text, stop = chat.respond(model, enc, "Say hi", max_new_tokens=5, generator=torch.Generator().manual_seed(0))
     assert (text, stop) == ("hi hi hi hi hi", "max_new_tokens")
     prompt_len = len(enc.encode_ordinary(chat.format_prompt("Say hi")))
-    text, stop = chat.respond(model_that_always_says(hi), enc, "Say hi", max_new_tokens=100, generator=torch.Generator().manual_seed(0))
+    text, stop = chat.respond(model, enc, "Say hi", max_new_tokens=100, generator=torch.Generator().manual_seed(0))
     assert stop == "block_size" and text.count("hi") == 32 - prompt_len + 1
 
 
@@ -295,7 +306,8 @@ def test_chat_refuses_a_prompt_longer_than_the_block(enc):
 
 
 def test_chat_loads_a_build_nanogpt_checkpoint(tmp_path):
-    """build-nanogpt's train_gpt2.py saves {'model', 'config', 'step', 'val_loss'}: loaded through fd.load_pretrained."""
+    """build-nanogpt's train_gpt2.py saves {'model', 'config', 'step', 'val_loss'}: loaded through
+    fd.load_pretrained."""
     src = model_that_always_says(EOT)
     path = str(tmp_path / "model_19072.pt")
     torch.save({"model": src.state_dict(), "config": vars(src.config).copy(), "step": 19072, "val_loss": 3.0}, path)
@@ -325,14 +337,17 @@ def test_chat_refuses_nan_weights(tiny_run, tmp_path, capsys):
     path = str(tmp_path / "model_00009.pt")
     torch.save(ckpt, path)
     for temperature in ("0.8", "0"):
-        assert chat.main(["--checkpoint", path, "--prompt", "hi", "--max_new_tokens", "3", "--temperature", temperature]) == 1
+        argv = ["--checkpoint", path, "--prompt", "hi", "--max_new_tokens", "3", "--temperature", temperature]
+        assert chat.main(argv) == 1
         out, err = capsys.readouterr()
-        assert out == "" and re.fullmatch(rf"error: {re.escape(path)} holds NaN/inf weights \(in 1 tensor; the run diverged\); "
-                                          r"use an earlier checkpoint\n", err), err
+        expected = (rf"error: {re.escape(path)} holds NaN/inf weights \(in 1 tensor; the run diverged\); "
+                    r"use an earlier checkpoint\n")
+        assert out == "" and re.fullmatch(expected, err), err
     src = model_that_always_says(EOT)  # a build-nanogpt checkpoint goes through load_pretrained: checked as well
     with torch.no_grad():
         src.transformer.wpe.weight[0, 0] = float("inf")
-    torch.save({"model": src.state_dict(), "config": vars(src.config).copy(), "step": 19072}, str(tmp_path / "model_19072.pt"))
+    nanogpt_ckpt = {"model": src.state_dict(), "config": vars(src.config).copy(), "step": 19072}
+    torch.save(nanogpt_ckpt, str(tmp_path / "model_19072.pt"))
     with pytest.raises(fd.UserError, match="model_19072.pt holds NaN/inf weights"):
         chat.load_model(str(tmp_path / "model_19072.pt"))
 
@@ -344,7 +359,8 @@ def test_an_empty_answer_is_explained():
 
 
 # -----------------------------------------------------------------------------
-# bench/ (the benchmarks themselves are not run here; these check that their data and the GPU script's code paths work)
+# bench/: the benchmarks themselves are not run here; these check that their data and the GPU script's code paths
+# work
 
 
 def test_bench_data_is_the_sample_drawn_from_across_dolly(root, tmp_path):

@@ -85,7 +85,8 @@ def test_stream_reads_across_shards_and_wraps(small_shards):
     manifest = fd.load_manifest(small_shards)
     assert len(manifest["splits"]["train"]["shards"]) > 3
     stream = fd.TokenStream(small_shards, "train", manifest)
-    everything = np.concatenate([np.load(os.path.join(small_shards, s["tokens"])) for s in manifest["splits"]["train"]["shards"]])
+    shards = manifest["splits"]["train"]["shards"]
+    everything = np.concatenate([np.load(os.path.join(small_shards, s["tokens"])) for s in shards])
     assert stream.num_tokens == len(everything)
     tokens, mask, cats = stream.read(19990, 25)  # crosses the first boundary
     assert np.array_equal(tokens, everything[19990:20015])
@@ -169,7 +170,8 @@ def test_cli_lists_invalid_values_in_one_error(data_dir, tmp_path):
     (("--total_batch_size", "-256"), "--total_batch_size must be >= 1"),
     (("--n_layer", "0"), "--n_layer, --n_embd and --block_size must be >= 1"),
     (("--n_embd", "-16", "--n_head", "1"), "--n_layer, --n_embd and --block_size must be >= 1"),
-    (("--auto_resume", "--n_embd", "-16", "--n_head", "1"), "--n_layer, --n_embd and --block_size must be >= 1"),  # first launch
+    # --auto_resume with nothing to resume: checked as a first launch
+    (("--auto_resume", "--n_embd", "-16", "--n_head", "1"), "--n_layer, --n_embd and --block_size must be >= 1"),
     (("--max_lr", "inf"), "--max_lr inf: must be a finite number"),
     (("--num_epochs", "nan"), "--num_epochs nan: must be a finite number"),
     (("--generate_max_tokens", "0"), "--generate_max_tokens must be >= 1"),
@@ -195,6 +197,11 @@ def overwrite(text):
     return damage
 
 
+def npz_under_npy_name(path):
+    np.savez(path + ".npz", tokens=np.arange(4))
+    os.replace(path + ".npz", path)
+
+
 def drop_splits(path):
     with open(path) as f:
         manifest = json.load(f)
@@ -208,7 +215,7 @@ def drop_splits(path):
     ("dolly_train_000000.npy", overwrite(bytes(range(256)) * 16)),
     ("dolly_val_mask_000000.npy", os.remove),
     ("dolly_val_category_000000.npy", overwrite(b"")),
-    ("dolly_train_000000.npy", lambda path: np.savez(path + ".npz", tokens=np.arange(4)) or os.replace(path + ".npz", path)),
+    ("dolly_train_000000.npy", npz_under_npy_name),
     ("dolly_val_000000.npy", lambda path: np.save(path, np.uint16(7))),  # a 0-d array
     ("manifest.json", overwrite(b'{"format_version": 1, bad')),
     ("manifest.json", truncate),
@@ -357,7 +364,9 @@ def test_val_loss_equals_full_logits_cross_entropy(data_dir, monkeypatch, eval_r
     with torch.no_grad():
         for x, y, _ in fd.val_batches(stream, 4, 32, 0, "response", 0, 1):
             logits, _ = model(x)
-            total += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=fd.IGNORE_INDEX, reduction="sum").item()
+            loss_sum = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=fd.IGNORE_INDEX,
+                                       reduction="sum")
+            total += loss_sum.item()
             count += int((y != fd.IGNORE_INDEX).sum())
     assert count > 2 * 50 and val_loss == pytest.approx(total / count, rel=1e-6)
     assert model.training  # evaluate() puts the model back in training mode
