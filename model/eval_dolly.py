@@ -31,9 +31,10 @@ import json
 import os
 import re
 import sys
+import textwrap
 import time
 from contextlib import nullcontext, redirect_stdout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,7 +48,7 @@ from prepare_dolly import EOT, DataError, get_tokenizer
 
 START_PREFIX = "start:"  # --checkpoint start:RUN: the model the fine-tune RUN started from
 DEFAULT_OUT_DIR = "eval_out"  # when no --checkpoint is a fine-tune run to write beside
-METRICS = ("val_loss", "loss", "rouge_l", "stop_rate", "answer_tokens", "empty")
+LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the checkpoints' names in the tables
 MD_TEXT_CHARS = 400  # eval.md's example table shows at most this much of each text
 ROUGE_HINT = "pip install rouge-score==0.1.2 (or pip install -r requirements.txt)"
 
@@ -82,6 +83,8 @@ def validate_args(args):
         problems.append(f"--batch_size must be >= 1, got {args.batch_size}")
     if not (args.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", args.device)):
         problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps, got {args.device!r}")
+    if len(args.checkpoint) > len(LABELS):
+        problems.append(f"at most {len(LABELS)} --checkpoint per run, got {len(args.checkpoint)}")
     if args.dtype not in ("auto", "float32", "bfloat16"):
         problems.append(f"--dtype must be auto, float32 or bfloat16, got {args.dtype!r}")
     if problems:
@@ -117,7 +120,6 @@ class Candidate:
     run_dir: str | None  # the folder of the fine-tune run it belongs to, if any
     val_settings: dict  # batch_size, sequence_length, val_tokens, loss_on for fd.evaluate, and where they came from
     fingerprint: str | None = None  # data_fingerprint of a fine-tune checkpoint's data
-    notes: list = field(default_factory=list)
 
 
 def val_settings(checkpoint_meta, block_size):
@@ -161,10 +163,9 @@ def load_candidate(spec, label):
                          val_settings(ckpt, model.config.block_size))
     loaded = fd.load_model(spec)
     meta = loaded.checkpoint
-    candidate = Candidate(spec, label, loaded.model, loaded.description, loaded.path,
-                          meta["step"] if meta else None, (os.path.dirname(loaded.path) or ".") if meta else None,
-                          val_settings(meta, loaded.model.config.block_size), meta and meta.get("data_fingerprint"))
-    return candidate
+    return Candidate(spec, label, loaded.model, loaded.description, loaded.path,
+                     meta["step"] if meta else None, (os.path.dirname(loaded.path) or ".") if meta else None,
+                     val_settings(meta, loaded.model.config.block_size), meta and meta.get("data_fingerprint"))
 
 
 def default_out_dir(candidates):
@@ -311,12 +312,13 @@ def stop_reason(prompt_len, answer_len, max_new_tokens, block_size):
     return "eot"
 
 
-def score_candidate(candidate, examples, args, data_dir, manifest, device, autocast, enc, scorer):
-    """Scores one model: returns ({'overall': ..., 'val_loss': ...}, per-example scores) for the summary."""
+def score_candidate(candidate, examples, args, manifest, device, autocast, enc, scorer):
+    """Scores one model on the chosen examples. Returns ((val loss, {category: val loss}), per-example scores:
+    why the answer stopped ('skipped' for a prompt that does not fit), loss, ROUGE-L, length, emptiness, text)."""
     from tqdm import tqdm
     model = candidate.model.to(device)
     block_size = model.config.block_size
-    overall_val, per_category_val = val_loss(candidate, data_dir, manifest, device, autocast)
+    overall_val, per_category_val = val_loss(candidate, args.data_dir, manifest, device, autocast)
     losses = example_losses(model, examples, args.batch_size, device, autocast)
     fit = [i for i, ex in enumerate(examples) if fits(ex, block_size)]
     t0 = time.time()
@@ -336,7 +338,7 @@ def score_candidate(candidate, examples, args, data_dir, manifest, device, autoc
     n_tokens = sum(len(a) for a in answers)
     print(f"{candidate.label}: {len(fit)} answers, {n_tokens:,} tokens in {seconds:.1f} s "
           f"({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)", file=sys.stderr)
-    return overall_val, per_category_val, scores
+    return (overall_val, per_category_val), scores
 
 
 # -----------------------------------------------------------------------------
@@ -476,7 +478,7 @@ def render_stdout(report):
     out = [settings_line(settings)] + legend(results)
     for title, rows in tables(results):
         out += ["", title, render_text(rows)]
-    out += ["", column_notes()]
+    out += [""] + textwrap.wrap(column_notes(), 118)
     out += [f"note: {n}" for n in settings["notes"]]
     return "\n".join(out)
 
@@ -485,33 +487,22 @@ def write_outputs(out_dir, report):
     """eval.json and eval.md, each written whole or not at all (fd.atomic_write_text)."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        fd.atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+        fd.atomic_write_text(os.path.join(out_dir, "eval.json"), text)
         fd.atomic_write_text(os.path.join(out_dir, "eval.md"), render_markdown(report))
     except OSError as e:
         raise fd.UserError(f"--out_dir {out_dir}: cannot write there ({e.strerror}); pass another --out_dir") from None
 
 
 # -----------------------------------------------------------------------------
+# the evaluation: inputs checked, each model scored, the report
 
-def evaluate_models(args):
-    """Loads, scores and compares the models; returns (report, out_dir). Everything that can be wrong with the
-    input is found before the first model is scored."""
-    validate_args(args)
-    scorer = rouge_scorer()
-    device = fd.pick_device(args.device)
-    dtype, autocast = fd.pick_autocast(device.split(":")[0], args.dtype)
-    manifest = fd.load_manifest(args.data_dir)
-    enc = get_tokenizer(verbose=False)
-    examples = read_examples(args.data_dir, manifest, enc)
-    categories = manifest["categories"]
+def input_notes(args, examples, chosen, candidates, manifest):
+    """What the reader of the tables must know about the selection and the models, found before any scoring."""
     notes = []
-    order = balanced_order(examples, categories)
-    if args.max_examples > len(order):
-        notes.append(f"--max_examples {args.max_examples} is more than the val split's {len(order)} examples: all "
-                     f"{len(order)} are scored")
-    chosen = [examples[i] for i in (order[:args.max_examples] if args.max_examples else order)]
-    labels = [chr(ord("A") + i) if i < 26 else f"M{i}" for i in range(len(args.checkpoint))]
-    candidates = [load_candidate(spec, label) for spec, label in zip(args.checkpoint, labels)]
+    if args.max_examples > len(examples):
+        notes.append(f"--max_examples {args.max_examples} is more than the val split's {len(examples)} examples: all "
+                     f"{len(examples)} are scored")
     fingerprint = fd.data_fingerprint(manifest)
     for c in candidates:
         if c.fingerprint is not None and c.fingerprint != fingerprint:
@@ -522,39 +513,77 @@ def evaluate_models(args):
             notes.append(f"{c.label} is no fine-tune checkpoint: its val_loss uses the trainer's defaults (batch_size "
                          f"{s['batch_size']}, sequence_length {s['sequence_length']}, loss_on {s['loss_on']}, "
                          f"the whole val split)")
-    for category in categories:
+    for category in manifest["categories"]:
         if not any(ex.category == category for ex in chosen):
             why = "the val split has none" if not any(ex.category == category for ex in examples) else \
                 "none among the first --max_examples"
             notes.append(f"{category}: no examples ({why}); its cells are empty")
-    for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+    return notes
+
+
+def cut_note(result, max_new_tokens):
+    """A note when most answers were cut at the block size, where stop % says little."""
+    cell = result["overall"]
+    if cell["cut"] and 2 * cell["cut"] >= cell["examples"]:
+        return (f"{result['label']}: {cell['cut']} of {cell['examples']} answers were cut at the model's "
+                f"{result['block_size']}-token context before --max_new_tokens {max_new_tokens}; stop % counts only "
+                f"the others (a smaller --max_new_tokens, e.g. {result['block_size'] // 2}, counts more)")
+    return None
+
+
+def checkpoint_result(candidate, scores, val, chosen, categories):
+    """A checkpoint's entry in eval.json: what it is, and its cells overall and per category."""
+    overall_val, per_category_val = val
+    return {"checkpoint": candidate.spec, "label": candidate.label, "description": candidate.description,
+            "path": candidate.path, "step": candidate.step, "block_size": candidate.model.config.block_size,
+            "data_fingerprint": candidate.fingerprint, "val_loss_settings": candidate.val_settings,
+            "overall": summarize(scores, overall_val),
+            "per_category": {cat: summarize([s for s, ex in zip(scores, chosen) if ex.category == cat],
+                                            per_category_val[cat]) for cat in categories}}
+
+
+def example_entries(chosen, per_example, manifest):
+    """eval.json's examples: each with every checkpoint's answer (None where its prompt did not fit) and scores."""
+    entries = []
+    for i, ex in enumerate(chosen):
+        instruction, context = split_prompt(ex.prompt, manifest)
+        entries.append({"category": ex.category, "instruction": instruction, "context": context, "prompt": ex.prompt,
+                        "reference": ex.reference, "prompt_tokens": ex.prompt_len,
+                        "answers": [scores[i].get("answer") for scores in per_example],
+                        "scores": [{k: v for k, v in scores[i].items() if k != "answer"} for scores in per_example]})
+    return entries
+
+
+def evaluate_models(args):
+    """Loads, scores and compares the models; returns (report, out_dir). What can be wrong with the input is found
+    before the first model is scored: all models are loaded (on the CPU) first."""
+    validate_args(args)
+    scorer = rouge_scorer()
+    device = fd.pick_device(args.device)
+    dtype, autocast = fd.pick_autocast(device.split(":")[0], args.dtype)
+    manifest = fd.load_manifest(args.data_dir)
+    enc = get_tokenizer(verbose=False)
+    examples = read_examples(args.data_dir, manifest, enc)
+    categories = manifest["categories"]
+    order = balanced_order(examples, categories)
+    chosen = [examples[i] for i in (order[:args.max_examples] if args.max_examples else order)]
+    candidates = [load_candidate(spec, label) for spec, label in zip(args.checkpoint, LABELS)]
+    notes = input_notes(args, examples, chosen, candidates, manifest)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
     results, per_example = [], []
     for c in candidates:
         print(f"{c.label}: {c.description}", file=sys.stderr)
-        overall_val, per_category_val, scores = score_candidate(c, chosen, args, args.data_dir, manifest, device,
-                                                                autocast, enc, scorer)
+        val, scores = score_candidate(c, chosen, args, manifest, device, autocast, enc, scorer)
         per_example.append(scores)
-        results.append({"checkpoint": c.spec, "label": c.label, "description": c.description, "path": c.path,
-                        "step": c.step, "block_size": c.model.config.block_size, "data_fingerprint": c.fingerprint,
-                        "val_loss_settings": c.val_settings,
-                        "overall": summarize(scores, overall_val),
-                        "per_category": {cat: summarize([s for s, ex in zip(scores, chosen) if ex.category == cat],
-                                                        per_category_val[cat]) for cat in categories}})
-    report_examples = []
-    for i, ex in enumerate(chosen):
-        instruction, context = split_prompt(ex.prompt, manifest)
-        report_examples.append({
-            "category": ex.category, "instruction": instruction, "context": context, "prompt": ex.prompt,
-            "reference": ex.reference, "prompt_tokens": ex.prompt_len,
-            "answers": [scores[i].get("answer") for scores in per_example],
-            "scores": [{k: v for k, v in scores[i].items() if k != "answer"} for scores in per_example]})
-    settings = {"data_dir": args.data_dir, "data_fingerprint": fingerprint, "source": manifest["source"],
-                "max_examples": args.max_examples, "examples": len(chosen), "val_examples": len(examples),
-                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "device": device,
-                "dtype": dtype, "decoding": "greedy", "categories": categories, "notes": notes}
-    report = {"settings": settings, "checkpoints": results, "examples": report_examples}
+        results.append(checkpoint_result(c, scores, val, chosen, categories))
+        notes += [note] if (note := cut_note(results[-1], args.max_new_tokens)) else []
+    settings = {"data_dir": args.data_dir, "data_fingerprint": fd.data_fingerprint(manifest),
+                "source": manifest["source"], "max_examples": args.max_examples, "examples": len(chosen),
+                "val_examples": len(examples), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                "device": device, "dtype": dtype, "decoding": "greedy", "categories": categories, "notes": notes}
+    report = {"settings": settings, "checkpoints": results, "examples": example_entries(chosen, per_example, manifest)}
     return report, args.out_dir or default_out_dir(candidates)
 
 

@@ -231,7 +231,8 @@ def test_stop_rate_cut_skipped_and_loss_of_models_whose_answers_are_known(data_d
     assert (talker["cut"], talker["stop_rate"], talker["empty"]) == (cut, 0.0, 0.0)
     assert math.isclose(talker["answer_tokens"], sum(lengths) / len(fit))
     for e in report["examples"]:
-        assert e["answers"][1] == (" ".join(["hi"] * min(8, 33 - e["prompt_tokens"])) if e["prompt_tokens"] < 32 else None)
+        n = min(8, 32 + 1 - e["prompt_tokens"])
+        assert e["answers"][1] == (" ".join(["hi"] * n) if e["prompt_tokens"] < 32 else None)
     # each example's loss: its response targets as far as the 32-token block reaches, scored after its own prompt
     losses = []
     for ex in fit:
