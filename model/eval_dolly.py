@@ -421,15 +421,17 @@ def render_text(rows):
 
 
 def md_cell(text, limit=None):
+    """text as one table cell: shortened to limit characters, Markdown and HTML characters escaped, lines as <br>."""
     if limit is not None and len(text) > limit:
         text = text[:limit].rstrip() + " …"
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or " "
+    text = re.sub(r"([\\|*_`\[\]#])", r"\\\1", text).replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("\n", "<br>") or " "
 
 
 def render_md(rows):
     header = ["category"] + [name for name, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
 
 
 def legend(results):
@@ -479,7 +481,8 @@ def render_stdout(report):
     for title, rows in tables(results):
         out += ["", title, render_text(rows)]
     out += [""] + textwrap.wrap(column_notes(), 118)
-    out += [f"note: {n}" for n in settings["notes"]]
+    for note in settings["notes"]:
+        out += textwrap.wrap(f"note: {note}", 118, subsequent_indent="  ")
     return "\n".join(out)
 
 
