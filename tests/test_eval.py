@@ -36,6 +36,11 @@ def run_eval(*args):
     return code, out.getvalue(), err.getvalue()
 
 
+def unwrapped(text):
+    """The text with its line breaks (the table's notes are wrapped) and repeated spaces as single spaces."""
+    return " ".join(text.split())
+
+
 def read_report(out_dir):
     with open(os.path.join(str(out_dir), "eval.json"), encoding="utf-8") as f:
         return json.load(f)
@@ -241,7 +246,7 @@ def test_stop_rate_cut_skipped_and_loss_of_models_whose_answers_are_known(data_d
     assert math.isclose(talker["loss"], sum(losses) / len(losses), rel_tol=1e-5)
     assert report["checkpoints"][1]["val_loss_settings"] == {"batch_size": 16, "sequence_length": 32, "val_tokens": 0,
                                                              "loss_on": "response", "from": "trainer defaults"}
-    assert "is no fine-tune checkpoint: its val_loss uses the trainer's defaults" in out
+    assert "is no fine-tune checkpoint: its val_loss uses the trainer's defaults" in unwrapped(out)
 
 
 # -----------------------------------------------------------------------------
@@ -256,13 +261,14 @@ def test_max_examples_and_categories_without_examples_are_notes(data_dir, tiny_r
     categories = report["settings"]["categories"]
     assert [e["category"] for e in report["examples"]] == categories[:3]
     for category in categories[3:]:
-        assert f"note: {category}: no examples (none among the first --max_examples); its cells are empty" in out
+        note = f"note: {category}: no examples (none among the first --max_examples); its cells are empty"
+        assert note in unwrapped(out)
         cell = report["checkpoints"][0]["per_category"][category]
         assert cell["examples"] == 0 and cell["rouge_l"] is None and cell["loss"] is None
     code, out, err = run_eval("--data_dir", data_dir, "--checkpoint", tiny_run, "--max_examples", 1000,
                               "--max_new_tokens", 2, "--out_dir", tmp_path / "all")
     assert code == 0, err
-    assert "note: --max_examples 1000 is more than the val split's 157 examples: all 157 are scored" in out
+    assert "note: --max_examples 1000 is more than the val split's 157 examples: all 157 are scored" in unwrapped(out)
     assert read_report(tmp_path / "all")["settings"]["examples"] == 157
 
 
@@ -271,6 +277,7 @@ def test_a_checkpoint_trained_on_other_data_is_flagged(data_dir, tiny_run, tmp_p
     code, out, err = run_eval("--data_dir", other, "--checkpoint", tiny_run, "--max_examples", 2, "--max_new_tokens", 2,
                               "--out_dir", tmp_path / "out")
     assert code == 0, err
+    out = unwrapped(out)
     assert "was fine-tuned on other data" in out and 'its "held-out" examples may have been trained on' in out
 
 
