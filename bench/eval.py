@@ -18,7 +18,7 @@ Goal, for the quick-start shape (a small model, whose steps are short enough for
 The 124M shape is printed for information: on a CPU its steps are the same large matmuls in both, so the two run at
 about the same speed whatever the loop around them does.
 
-Run (CPU, one thread as the other benches; about 2-3 minutes on a 2-core box):
+Run (CPU, one thread as the other benches; a few minutes):
     python bench/eval.py                        # the quick-start shape, then 124M with fewer prompts and tokens
     python bench/eval.py --model quickstart --rounds 9
 """

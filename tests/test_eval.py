@@ -1,6 +1,6 @@
 """model/eval_dolly.py: the held-out examples read back from the shards, the scores against real oracles (the
 trainer's metrics.jsonl, rouge-score, one-at-a-time generation, models whose answers are known), and bad input.
-CPU only; one 4-step fine-tune of a 2-layer, 32-wide model, evaluated before and after (~30 s in all)."""
+CPU only; most tests share one 4-step fine-tune of a 2-layer, 32-wide model, evaluated once before and after."""
 
 import contextlib
 import io
@@ -55,15 +55,16 @@ def tiny_run(data_dir, tmp_path_factory):
     return str(log_dir)
 
 
-def eval_args(data_dir, tiny_run, out_dir):
-    return ["--data_dir", data_dir, "--checkpoint", f"start:{tiny_run}", "--checkpoint", tiny_run,
-            "--max_new_tokens", MAX_NEW_TOKENS, "--batch_size", 8, "--device", "cpu", "--dtype", "float32",
-            "--out_dir", out_dir]
+def eval_args(data_dir, tiny_run, out_dir=None):
+    args = ["--data_dir", data_dir, "--checkpoint", f"start:{tiny_run}", "--checkpoint", tiny_run,
+            "--max_new_tokens", MAX_NEW_TOKENS, "--batch_size", 8, "--device", "cpu", "--dtype", "float32"]
+    return args + (["--out_dir", out_dir] if out_dir else [])
 
 
 @pytest.fixture(scope="module")
 def evaluated(data_dir, tiny_run, tmp_path_factory):
-    """The finetune_dolly end-of-run command (start:LOG_DIR vs LOG_DIR) on the whole val split: (report, stdout)."""
+    """The finetune_dolly end-of-run command (start:LOG_DIR vs LOG_DIR) on the whole val split:
+    (eval.json's report, stdout, out_dir)."""
     out_dir = tmp_path_factory.mktemp("eval_out")
     code, out, err = run_eval(*eval_args(data_dir, tiny_run, out_dir))
     assert code == 0, err
@@ -174,15 +175,18 @@ def test_batched_generation_equals_one_at_a_time(tiny_run, data_dir, enc):
 
 
 def test_the_same_command_twice_gives_the_same_eval_json(evaluated, data_dir, tiny_run, tmp_path):
-    """A second run, in another process: eval.json identical to the byte; the table on stdout."""
+    """A second run, in another process and without --out_dir (the command the trainer prints): eval.json in
+    LOG_DIR/eval/, identical to the byte; the same table on stdout."""
     report, out, out_dir = evaluated
     r = subprocess.run([PYTHON, os.path.join(ROOT, "model", "eval_dolly.py"),
-                        *map(str, eval_args(data_dir, tiny_run, tmp_path))], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                        *map(str, eval_args(data_dir, tiny_run))], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr
-    with open(os.path.join(out_dir, "eval.json"), "rb") as a, open(tmp_path / "eval.json", "rb") as b:
-        assert a.read() == b.read()
-    assert r.stdout == out.replace(out_dir, str(tmp_path))
+    default_out_dir = os.path.join(tiny_run, "eval")
+    with open(os.path.join(out_dir, "eval.json"), "rb") as first:
+        with open(os.path.join(default_out_dir, "eval.json"), "rb") as second:
+            assert first.read() == second.read()
+    assert r.stdout == out.replace(out_dir, default_out_dir)
     for title in ("A = start:", "B = ", "B - A (difference)"):
         assert title in out
     overall = next(line for line in out.splitlines() if line.startswith("overall"))
@@ -317,7 +321,7 @@ def test_without_rouge_score_it_says_how_to_install_it(monkeypatch, data_dir, ti
     assert code == 1 and err == f"error: the rouge-score package is missing; {eval_dolly.ROUGE_HINT}\n"
 
 
-def test_default_out_dir_is_beside_the_first_fine_tune_run(tiny_run):
+def test_default_out_dir_is_in_the_first_run_else_eval_out(tiny_run):
     candidates = [eval_dolly.Candidate("gpt2", "A", None, "", "gpt2", None, None, {}),
                   eval_dolly.Candidate(tiny_run, "B", None, "", "", 4, tiny_run, {})]
     assert eval_dolly.default_out_dir(candidates) == os.path.join(tiny_run, "eval")
