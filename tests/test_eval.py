@@ -218,11 +218,11 @@ def write_parrot(path, token, block_size=32):
 
 
 def test_stop_rate_cut_skipped_and_loss_of_models_whose_answers_are_known(data_dir, enc, tmp_path):
-    """A model that always says EOT stops every answer at once (empty); one that always says " hi" never stops: its
+    """A model that always says EOT stops every answer at once (empty); one that always says " the" never stops: its
     answers run to --max_new_tokens or are cut at the block size (not failures); prompts that fill its 32-token
-    context are skipped. Its loss is 80 per response target other than " hi" (logit 80 against 0)."""
-    hi = enc.encode_ordinary(" hi")[0]
-    eot, parrot = write_parrot(tmp_path / "eot.pt", EOT), write_parrot(tmp_path / "hi.pt", hi)
+    context are skipped. Its loss is 80 per response target other than " the" (logit 80 against 0), ~0 on " the"."""
+    the = enc.encode_ordinary(" the")[0]
+    eot, parrot = write_parrot(tmp_path / "eot.pt", EOT), write_parrot(tmp_path / "the.pt", the)
     code, out, err = run_eval("--data_dir", data_dir, "--checkpoint", eot, "--checkpoint", parrot, "--max_new_tokens",
                               8, "--device", "cpu", "--dtype", "float32", "--out_dir", tmp_path / "out")
     assert code == 0, err
@@ -241,12 +241,12 @@ def test_stop_rate_cut_skipped_and_loss_of_models_whose_answers_are_known(data_d
     assert math.isclose(talker["answer_tokens"], sum(lengths) / len(fit))
     for e in report["examples"]:
         n = min(8, 32 + 1 - e["prompt_tokens"])
-        assert e["answers"][1] == (" ".join(["hi"] * n) if e["prompt_tokens"] < 32 else None)
+        assert e["answers"][1] == (" ".join(["the"] * n) if e["prompt_tokens"] < 32 else None)
     # each example's loss: its response targets as far as the 32-token block reaches, scored after its own prompt
     losses = []
     for ex in fit:
         targets = ex.tokens[ex.prompt_len:32 + 1]
-        losses.append(80.0 * sum(t != hi for t in targets) / len(targets))
+        losses.append(80.0 * sum(t != the for t in targets) / len(targets))
     assert math.isclose(talker["loss"], sum(losses) / len(losses), rel_tol=1e-5)
     assert report["checkpoints"][1]["val_loss_settings"] == {"batch_size": 16, "sequence_length": 32, "val_tokens": 0,
                                                              "loss_on": "response", "from": "trainer defaults"}
