@@ -1700,27 +1700,33 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, gen
     pos = (torch.arange(P, device=device)[None] - pad[:, None]).clamp(min=0)  # (B, P)
     cache, out = model.new_kv_cache(), [[] for _ in prompts]
     output_layer = generation_output_layer(model, autocast)
-    active = [True] * B
+    block_size, rows = model.config.block_size, list(range(B))  # rows: the prompts still generating, in batch order
     for t in range(max_new_tokens):
-        if not any(active):
-            break
         with autocast:
-            logits = output_layer(GPT.hidden_states(model, idx, cache, pos, mask[:, None])[:, -1])  # (B, vocab)
-        next_ids = [sample_next(logits[b], temperature, top_k, generators[b] if generators else None)
-                    if active[b] else EOT for b in range(B)]
-        for b, next_id in enumerate(sync(next_ids) if sync else next_ids):
-            if not active[b]:
-                continue
-            if next_id == EOT:
-                active[b] = False
-            else:
+            logits = output_layer(GPT.hidden_states(model, idx, cache, pos, mask[:, None])[:, -1])  # (rows, vocab)
+        if temperature == 0:  # greedy: one argmax for all rows (sample_next's, padding ids excluded)
+            next_ids = logits[:, :VOCAB_SIZE].argmax(dim=-1).tolist()
+        else:
+            next_ids = [sample_next(logits[r], temperature, top_k, generators[b] if generators else None)
+                        for r, b in enumerate(rows)]
+        keep = []  # the rows that go on: no EOT, and room left in the context
+        for r, (b, next_id) in enumerate(zip(rows, sync(next_ids) if sync else next_ids)):
+            if next_id != EOT:
                 out[b].append(next_id)
-                active[b] = len(prompts[b]) + len(out[b]) <= model.config.block_size
-        # every row takes one more token (a finished row its last one again; its output is ignored)
-        idx = torch.tensor([[o[-1] if o else p[-1]] for o, p in zip(out, prompts)], device=device)
-        key_ok = torch.cat([key_ok, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        mask = key_ok[:, None, :]  # (B, 1, keys): one query per row sees all its own tokens
-        pos = (lengths + t).clamp(max=model.config.block_size - 1)[:, None]
+                if len(prompts[b]) + len(out[b]) <= block_size:
+                    keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # finished rows leave the batch, so the others do not pay for them
+            keep_t = torch.tensor(keep, device=device)
+            for layer in cache:
+                layer[0], layer[1] = layer[0].index_select(0, keep_t), layer[1].index_select(0, keep_t)
+            key_ok, lengths = key_ok.index_select(0, keep_t), lengths.index_select(0, keep_t)
+            rows = [rows[r] for r in keep]
+        idx = torch.tensor([[out[b][-1]] for b in rows], device=device)  # (rows, 1): each row's newest token
+        key_ok = torch.cat([key_ok, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
+        mask = key_ok[:, None, :]  # (rows, 1, keys): one query per row sees all its own tokens
+        pos = (lengths + t).clamp(max=block_size - 1)[:, None]
     model.train(was_training)
     return out
 
