@@ -131,8 +131,10 @@ def hf_config(config, dtype):
 
 
 def generation_config(config):
-    """Greedy decoding (chat.py --temperature 0) until <|endoftext|> or the context is full."""
-    return {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": config.block_size,
+    """Greedy decoding (chat.py --temperature 0) until <|endoftext|> or the context is full. generate()'s max_length
+    counts the last new token, which is never fed back to the model: block_size + 1 tokens read positions
+    0..block_size-1 only, and stop where chat.py stops (it picks a token from up to block_size tokens)."""
+    return {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": config.block_size + 1,
             "pad_token_id": EOT}
 
 
@@ -266,6 +268,26 @@ def run_metrics(loaded):
     return before, after
 
 
+def describe_data(ckpt):
+    """The fine-tune's data in words, from the manifest in its --data_dir when that is still there and holds the
+    same data (the checkpoint's data fingerprint); else None."""
+    try:
+        manifest = fd.load_manifest(ckpt["config"]["data_dir"])
+    except (fd.UserError, KeyError, TypeError):
+        return None
+    if fd.data_fingerprint(manifest) != ckpt.get("data_fingerprint"):
+        return None
+    source = manifest["source"]
+    if source == f"hf:{HF_DATASET}":
+        what = "Dolly-15k"
+    elif source.startswith("bundled:"):
+        what = "the sample of Dolly-15k bundled with the project"
+    else:
+        what = f"a Dolly-15k file ({os.path.basename(source)})"
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    return f"{what}: {train['records']:,} train records ({train['tokens']:,} tokens), {val['records']:,} val records"
+
+
 def describe_start(init_source):
     """What the fine-tune started from, in words, and the Hub model to name as base_model (or None)."""
     kind, _, src = init_source.partition(":")
@@ -355,7 +377,8 @@ def usage_section(name):
 def training_section(ckpt, loaded):
     c = ckpt["config"]
     tokens = ckpt["step"] * c["total_batch_size"]
-    rows = [("steps", f"{ckpt['step']} of {c['max_steps']} ({tokens:,} tokens)"),
+    data = describe_data(ckpt) or f"Dolly-15k as prepared in `{c['data_dir']}` (not found when this was exported)"
+    rows = [("data", data), ("steps", f"{ckpt['step']} of {c['max_steps']} ({tokens:,} tokens)"),
             ("tokens per step", f"{c['total_batch_size']:,} (sequences of {c['sequence_length']} tokens)"),
             ("learning rate", f"{c['max_lr']:g} peak after {c['warmup_steps']} warmup step(s), cosine decay to "
                               f"{c['min_lr']:g}"),
@@ -368,7 +391,7 @@ def training_section(ckpt, loaded):
              "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     before, after = run_metrics(loaded)
     val_on = f"the first {c['val_tokens']:,} tokens of " if c.get("val_tokens") else ""
-    lines += ["## Evaluation", "", f"Cross-entropy on {val_on}the held-out val split of Dolly-15k (the loss on the "
+    lines += ["## Evaluation", "", f"Cross-entropy on {val_on}the held-out val split of the data (the loss on the "
               "response tokens, as in training), by the training run. A loss computed on this export normalises "
               f"over its {VOCAB_SIZE:,} logits; the trainer's model may pad the vocabulary to 50,304, so yours can "
               "differ slightly.", ""]

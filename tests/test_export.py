@@ -192,7 +192,7 @@ def test_config_reads_back_as_transformers_writes_it(exports, tmp_path):
     resaved.pop("transformers_version")
     assert resaved == {k: v for k, v in ours.items() if k != "torch_dtype"}  # torch_dtype: read as dtype
     with open(os.path.join(path, "generation_config.json")) as f:
-        assert json.load(f) == {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": 256,
+        assert json.load(f) == {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": 257,
                                 "pad_token_id": EOT}
 
 
@@ -302,6 +302,21 @@ def test_greedy_generate_matches_chat(exports, enc, records):
     assert answer[0]["generated_text"][-1]["content"].strip() == text
 
 
+def test_default_generation_stops_where_chat_stops(exports, enc, records):
+    """A prompt near the end of the context: generate() with the export's generation config (no max_new_tokens)
+    fills the context as chat.py does, and never reads a position past n_positions."""
+    path, loaded = exports["finetuned"]
+    hf, tok = load_hf(path), transformers.AutoTokenizer.from_pretrained(path)
+    r = next(r for r in records if 200 <= len(enc.encode_ordinary(format_prompt(r["instruction"], r["context"]))) < 250)
+    text, stop = chat.respond(loaded.model, enc, r["instruction"], r["context"], temperature=0)
+    assert stop == "block_size"
+    inputs = tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], context=r["context"],
+                                     add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = hf.generate(**inputs)
+    assert out.shape[1] == 257
+    assert tok.decode(out[0, inputs["input_ids"].shape[1]:]).strip() == text
+
+
 # -----------------------------------------------------------------------------
 # 4. the model card
 
@@ -387,8 +402,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(sources, tmp_path, capsys):
 
 def test_bad_input_through_the_cli(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
-    r = subprocess.run([PYTHON, os.path.join(ROOT, "model", "export_hf.py"), "--checkpoint", str(tmp_path / "notes.txt"),
-                        "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([PYTHON, os.path.join(ROOT, "model", "export_hf.py"), "--checkpoint",
+                        str(tmp_path / "notes.txt"), "--out_dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr and os.listdir(tmp_path) == ["notes.txt"]
 
@@ -424,7 +440,8 @@ def test_force_never_deletes_checkpoints(sources, capsys):
 
 def test_finetune_starts_from_an_export(exports, data_dir, enc, records, tmp_path):
     path, loaded = exports["finetuned"]
-    r = run_trainer(data_dir, tmp_path, "--pretrained_checkpoint", path, "--max_steps", "1", "--checkpoint_interval", "1")
+    r = run_trainer(data_dir, tmp_path, "--pretrained_checkpoint", path, "--max_steps", "1",
+                    "--checkpoint_interval", "1")
     assert r.returncode == 0, r.stderr
     ckpt = fd.load_checkpoint(str(tmp_path / "model_00001.pt"))
     assert ckpt["init_source"] == f"hub:{path}" and ckpt["model_config"]["vocab_size"] == VOCAB_SIZE
