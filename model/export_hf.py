@@ -71,6 +71,9 @@ def hf_tensors(model, dtype):
     """Our GPT's weights under GPT-2's Hugging Face names and layout, {name: contiguous tensor}. HF's GPT-2 keeps its
     four projection matrices in Conv1D modules, stored (in, out): the transpose of nn.Linear's (out, in). lm_head is
     left out: the config ties it to the token embedding (and safetensors refuses two names for one tensor)."""
+    if model.config.vocab_size < VOCAB_SIZE:
+        raise fd.UserError(f"the model has {model.config.vocab_size:,} token embeddings, fewer than GPT-2's "
+                           f"{VOCAB_SIZE:,}: not a GPT-2 this export can write")
     tensors = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":
@@ -202,8 +205,9 @@ def merge_of(token, rank, ranks):
 
 @functools.lru_cache(maxsize=1)
 def gpt2_vocab_merges():
-    """GPT-2's vocab.json ({token: id}, <|endoftext|> included) and merges.txt (50,000 pairs, in rank order), as
-    OpenAI published them, recovered from the tiktoken ranks (a rank is 256 + the index of the merge that made it)."""
+    """GPT-2's vocabulary ({token: id}, <|endoftext|> included) and its 50,000 merges in order, recovered from the
+    tiktoken ranks (a rank is 256 + the index of the merge that made the token), spelled as vocab.json and
+    merges.txt spell them."""
     ranks = load_ranks()
     byte_char = bytes_to_unicode()
 
@@ -454,11 +458,13 @@ def missing_parents(path):
     return missing
 
 
-def publish(staging, out_dir):
-    """Renames the complete staging folder to out_dir. An existing out_dir is renamed aside first and deleted only
-    once the new folder is in place (put back if that rename fails)."""
+def publish(staging, out_dir, force):
+    """Renames the complete staging folder to out_dir. An existing out_dir (with --force) is renamed aside first and
+    deleted only once the new folder is in place (put back if that rename fails)."""
     old = None
     if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not force:  # filled while the export ran
+            raise fd.UserError(f"--out_dir {out_dir} is no longer empty; pass --force to replace it")
         old = f"{out_dir}.old{os.getpid()}"
         os.rename(out_dir, old)
     try:
@@ -504,7 +510,7 @@ def export(checkpoint, out_dir, dtype="float32", license=DEFAULT_LICENSE, force=
     try:
         os.makedirs(staging)
         write_export(staging, tensors, files, config.block_size)
-        publish(staging, out_dir)
+        publish(staging, out_dir, force)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in reversed(created):

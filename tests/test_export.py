@@ -205,6 +205,12 @@ def test_bfloat16_export(exports, sources, tmp_path):
     assert torch.equal(hf.transformer.wpe.weight, ours.to(torch.bfloat16))
 
 
+def test_a_vocabulary_smaller_than_gpt2s_is_a_user_error():
+    model = fd.GPT(fd.GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(fd.UserError, match="100 token embeddings, fewer than GPT-2's 50,257"):
+        export_hf.hf_tensors(model, torch.float32)
+
+
 def test_float16_overflow_is_a_user_error():
     model = fd.GPT(fd.GPTConfig(block_size=8, vocab_size=VOCAB_SIZE, n_layer=1, n_head=1, n_embd=8))
     with torch.no_grad():
@@ -426,6 +432,16 @@ def test_force_replaces_a_folder_only_when_the_new_one_is_complete(sources, tmp_
     assert export_hf.main(["--checkpoint", sources["random"], "--out_dir", str(out), "--force"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert "old.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+
+
+def test_a_folder_filled_during_the_export_is_not_replaced_without_force(tmp_path):
+    staging, out = tmp_path / "out.tmp1", tmp_path / "out"
+    os.makedirs(staging)
+    os.makedirs(out)
+    (out / "theirs.txt").write_text("written while the export ran")
+    with pytest.raises(fd.UserError, match="no longer empty; pass --force"):
+        export_hf.publish(str(staging), str(out), force=False)
+    assert os.listdir(out) == ["theirs.txt"]
 
 
 def test_force_never_deletes_checkpoints(sources, capsys):
