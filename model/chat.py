@@ -87,13 +87,7 @@ def respond(model, enc, instruction, context="", max_new_tokens=256, temperature
                 on_text(piece)
     tokens = fd.generate(model, prompt, max_new_tokens, temperature, top_k, generator,
                          autocast=autocast, on_token=on_token, output_layer=output_layer)
-    if len(tokens) >= max_new_tokens:
-        stop = "max_new_tokens"
-    elif len(prompt) + len(tokens) > block_size:  # generate() stops once the sequence outgrows the block
-        stop = "block_size"
-    else:
-        stop = "eot"
-    return enc.decode(tokens).strip(), stop
+    return enc.decode(tokens).strip(), fd.stop_reason(len(prompt), len(tokens), max_new_tokens, block_size)
 
 
 def stop_note(stop, max_new_tokens, block_size, text=""):

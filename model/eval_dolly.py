@@ -247,7 +247,6 @@ def val_loss(candidate, data_dir, manifest, device, autocast):
     stream = fd.TokenStream(data_dir, "val", manifest)
     overall, per_category = fd.evaluate(candidate.model, stream, cfg, 0, 1, device, autocast,
                                         len(manifest["categories"]))
-    candidate.model.eval()  # evaluate() leaves the model in training mode, as the trainer wants it
     return overall, dict(zip(manifest["categories"], per_category))
 
 
@@ -302,16 +301,6 @@ def generate_answers(model, prompts, max_new_tokens, batch_size, autocast=nullco
     return answers
 
 
-def stop_reason(prompt_len, answer_len, max_new_tokens, block_size):
-    """Why an answer ended: 'eot' (the model stopped), 'max_new_tokens' (it did not), 'block_size' (the context
-    was full: cut, not a failure to stop). The rule of chat.respond."""
-    if answer_len >= max_new_tokens:
-        return "max_new_tokens"
-    if prompt_len + answer_len > block_size:
-        return "block_size"
-    return "eot"
-
-
 def score_candidate(candidate, examples, args, manifest, device, autocast, enc, scorer):
     """Scores one model on the chosen examples. Returns ((val loss, {category: val loss}), per-example scores:
     why the answer stopped ('skipped' for a prompt that does not fit), loss, ROUGE-L, length, emptiness, text)."""
@@ -331,7 +320,7 @@ def score_candidate(candidate, examples, args, manifest, device, autocast, enc, 
               for _ in examples]
     for i, tokens in zip(fit, answers):
         text = enc.decode(tokens).strip()
-        scores[i] = {"stop": stop_reason(examples[i].prompt_len, len(tokens), args.max_new_tokens, block_size),
+        scores[i] = {"stop": fd.stop_reason(examples[i].prompt_len, len(tokens), args.max_new_tokens, block_size),
                      "loss": losses[i], "rouge_l": rouge_l(scorer, examples[i].reference, text),
                      "answer_tokens": len(tokens), "empty": not text, "answer": text}
     candidate.model.to("cpu")

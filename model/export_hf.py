@@ -134,10 +134,9 @@ def hf_config(config, dtype):
 
 
 def generation_config(config):
-    """Greedy decoding (chat.py --temperature 0) until <|endoftext|> or the context is full. generate()'s max_length
-    counts the last new token, which is never fed back to the model: block_size + 1 tokens read positions
-    0..block_size-1 only, and stop where chat.py stops (it picks a token from up to block_size tokens)."""
-    return {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": config.block_size + 1,
+    """Greedy decoding (chat.py --temperature 0) until <|endoftext|> or prompt and answer fill the context
+    (max_length = n_positions, where chat.py stops too)."""
+    return {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": config.block_size,
             "pad_token_id": EOT}
 
 

@@ -428,12 +428,22 @@ class GPT(nn.Module):
             if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
                 v = v.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
             sd[k if k.startswith("lm_head") else f"transformer.{k}"] = v
-        model = cls(config)
+        model = empty_gpt(config)
         load_state_dict_checked(model, sd, name_or_dir)
         return model
 
 
 HUB_FILES = ("config.json", "model.safetensors")
+
+
+def empty_gpt(config):
+    """A GPT with room for its weights but no random init (which takes seconds at 124M), for weights about to be
+    loaded: every tensor is then filled by load_state_dict_checked."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.transformer.wte.weight = model.lm_head.weight  # to_empty makes a new tensor per module: tie them again
+    return model
 
 
 def hub_files(name_or_dir):
@@ -717,7 +727,7 @@ def load_pretrained(cfg):
             if not isinstance(ckpt, dict):
                 raise UserError(f"{src}: expected a checkpoint dict or state dict, got {type(ckpt).__name__}")
             sd = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-            model = GPT(model_config_from_checkpoint(ckpt, sd, src))
+            model = empty_gpt(model_config_from_checkpoint(ckpt, sd, src))
             load_state_dict_checked(model, sd, src)
             step = f", pretrained step {ckpt['step']}" if isinstance(ckpt.get("step"), int) else ""
             return model, f"pretrained:{src}{step}"
@@ -1097,7 +1107,7 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(ckpt, path):
     """The GPT of a fine-tune checkpoint that load_checkpoint accepted."""
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model = empty_gpt(GPTConfig(**ckpt["model_config"]))
     load_state_dict_checked(model, ckpt["model"], path)
     return model
 
@@ -1572,6 +1582,7 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
     layer together, most of an evaluation's work: in full chunks, into one logits buffer.
     model: the GPT itself (not a DDP wrapper); its hidden_states and lm_head are called directly (under --fsdp
     within unsharded(model), with lockstep=True)."""
+    was_training = model.training
     model.eval()
     sums = torch.zeros(2 * (num_categories + 1), dtype=torch.float64)  # [loss sum, count] overall, then per category
     hidden, targets, cats = [], [], []
@@ -1601,7 +1612,7 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
     if targets:
         add_losses()
     sums = torch.tensor(all_reduce_sum(sums.tolist(), device))
-    model.train()
+    model.train(was_training)
     per_category = [(s / n).item() if n > 0 else None for s, n in zip(sums[2::2], sums[3::2])]
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"), per_category
 
@@ -1609,7 +1620,8 @@ def evaluate(model, stream, cfg, rank, world_size, device, autocast, num_categor
 @torch.no_grad()
 def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, generator=None, use_cache=True,
              autocast=nullcontext(), on_token=None, output_layer=None):
-    """Samples a continuation of prompt_tokens (list of ids) until <|endoftext|>, max_new_tokens or the block size.
+    """Samples a continuation of prompt_tokens (list of ids) until <|endoftext|>, max_new_tokens or until prompt and
+    answer fill the block size (the context window, as Hugging Face's max_length = n_positions counts it).
     Returns the new token ids (without the EOT). temperature 0 = greedy. on_token(id), if given, is called with
     each new id as it is sampled (never the EOT), so a caller can stream the text (model/chat.py).
     output_layer: generation_output_layer(model, autocast), made once by a caller that generates many times."""
@@ -1622,7 +1634,7 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
     if output_layer is None:
         output_layer = generation_output_layer(model, autocast)
     for _ in range(max_new_tokens):
-        if idx.size(1) > model.config.block_size:
+        if idx.size(1) >= model.config.block_size:
             break
         with autocast:
             if use_cache:  # only the newest token goes through the model; earlier keys/values come from the cache
@@ -1640,6 +1652,16 @@ def generate(model, prompt_tokens, max_new_tokens, temperature=1.0, top_k=0, gen
         step_input = idx[:, -1:]
     model.train(was_training)
     return out
+
+
+def stop_reason(prompt_len, answer_len, max_new_tokens, block_size):
+    """Why generate() ended an answer of answer_len tokens: 'eot' (the model stopped), 'max_new_tokens' or
+    'block_size' (prompt and answer filled the context: cut, not a failure to stop)."""
+    if answer_len >= max_new_tokens:
+        return "max_new_tokens"
+    if prompt_len + answer_len >= block_size:
+        return "block_size"
+    return "eot"
 
 
 def generation_output_layer(model, autocast=nullcontext()):
@@ -1681,7 +1703,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, gen
     (under --fsdp, rank 0's)."""
     if not prompts:
         return []
-    fits = [i for i, p in enumerate(prompts) if 0 < len(p) <= model.config.block_size]
+    fits = [i for i, p in enumerate(prompts) if 0 < len(p) < model.config.block_size]
     if len(fits) < len(prompts):  # as generate(): nothing for a prompt longer than the model's context
         answers = iter(generate_batch(model, [prompts[i] for i in fits], max_new_tokens, temperature, top_k,
                                       generators and [generators[i] for i in fits], autocast, sync))
@@ -1713,7 +1735,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=0, gen
         for r, (b, next_id) in enumerate(zip(rows, sync(next_ids) if sync else next_ids)):
             if next_id != EOT:
                 out[b].append(next_id)
-                if len(prompts[b]) + len(out[b]) <= block_size:
+                if len(prompts[b]) + len(out[b]) < block_size:
                     keep.append(r)
         if not keep:
             break

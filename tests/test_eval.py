@@ -234,13 +234,13 @@ def test_stop_rate_cut_skipped_and_loss_of_models_whose_answers_are_known(data_d
     assert silent["examples"] == talker["examples"] == len(fit)
     assert silent["skipped"] == talker["skipped"] == len(examples) - len(fit)
     assert (silent["stop_rate"], silent["empty"], silent["answer_tokens"], silent["cut"]) == (1.0, 1.0, 0.0, 0)
-    lengths = [min(8, 32 + 1 - ex.prompt_len) for ex in fit]  # generation stops once the sequence outgrows the block
+    lengths = [min(8, 32 - ex.prompt_len) for ex in fit]  # generation stops once prompt and answer fill the block
     cut = sum(n < 8 for n in lengths)
     assert 0 < cut < len(fit)
     assert (talker["cut"], talker["stop_rate"], talker["empty"]) == (cut, 0.0, 0.0)
     assert math.isclose(talker["answer_tokens"], sum(lengths) / len(fit))
     for e in report["examples"]:
-        n = min(8, 32 + 1 - e["prompt_tokens"])
+        n = min(8, 32 - e["prompt_tokens"])
         assert e["answers"][1] == (" ".join(["the"] * n) if e["prompt_tokens"] < 32 else None)
     # each example's loss: its response targets as far as the 32-token block reaches, scored after its own prompt
     losses = []

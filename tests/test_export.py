@@ -192,7 +192,7 @@ def test_config_reads_back_as_transformers_writes_it(exports, tmp_path):
     resaved.pop("transformers_version")
     assert resaved == {k: v for k, v in ours.items() if k != "torch_dtype"}  # torch_dtype: read as dtype
     with open(os.path.join(path, "generation_config.json")) as f:
-        assert json.load(f) == {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": 257,
+        assert json.load(f) == {"bos_token_id": EOT, "do_sample": False, "eos_token_id": EOT, "max_length": 256,
                                 "pad_token_id": EOT}
 
 
@@ -310,7 +310,7 @@ def test_greedy_generate_matches_chat(exports, enc, records):
 
 def test_default_generation_stops_where_chat_stops(exports, enc, records):
     """A prompt near the end of the context: generate() with the export's generation config (no max_new_tokens)
-    fills the context as chat.py does, and never reads a position past n_positions."""
+    fills the context as chat.py does: prompt and answer take n_positions tokens."""
     path, loaded = exports["finetuned"]
     hf, tok = load_hf(path), transformers.AutoTokenizer.from_pretrained(path)
     r = next(r for r in records if 200 <= len(enc.encode_ordinary(format_prompt(r["instruction"], r["context"]))) < 250)
@@ -319,7 +319,7 @@ def test_default_generation_stops_where_chat_stops(exports, enc, records):
     inputs = tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], context=r["context"],
                                      add_generation_prompt=True, return_dict=True, return_tensors="pt")
     out = hf.generate(**inputs)
-    assert out.shape[1] == 257
+    assert out.shape[1] == 256
     assert tok.decode(out[0, inputs["input_ids"].shape[1]:]).strip() == text
 
 

@@ -541,7 +541,7 @@ def test_generation_stops_at_block_size():
     prompt = list(range(100, 110))
     for use_cache in (True, False):
         out = fd.generate(model, prompt, 500, temperature=0, use_cache=use_cache)
-        assert len(out) == model.config.block_size - len(prompt) + 1  # the last one is predicted from a full block
+        assert len(out) == model.config.block_size - len(prompt)  # prompt and answer fill the context, no more
 
 
 def constant_output_model(preferred_rows, vocab_size=PADDED_VOCAB):
@@ -609,33 +609,37 @@ def test_batched_generation_equals_one_prompt_at_a_time():
         gens = lambda: [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
         alone = [fd.generate(model, p, 30, temperature, top_k, gen) for p, gen in zip(prompts, gens())]
         assert fd.generate_batch(model, prompts, 30, temperature, top_k, gens()) == alone
-        assert [len(a) for a in alone] == [30, 30, 30, 25, 4, 1, 0]  # the rows stop at different steps
+        assert [len(a) for a in alone] == [30, 30, 30, 24, 3, 0, 0]  # the rows stop at different steps
         assert len(set(alone[0])) > 3  # not one token repeated: the comparison means something
     assert fd.generate_batch(model, [], 30) == [] and fd.generate_batch(model, [prompts[-1]], 30) == [[]]
     assert not model.training
 
 
 def test_batched_generation_stops_each_row_at_its_eot(monkeypatch):
-    scripts = [[5, EOT, 1, 1], [5, 6, 7, EOT], [8, 9, 10, 11]]
+    """Each row ends at its own <|endoftext|>, and a finished row leaves the batch: the others go on without it."""
+    follows = {2: 20, 20: EOT, 3: 30, 30: 31, 31: 32, 32: EOT, 6: 60, 60: 61, 61: 62, 62: 63}
+    batch_sizes = []
 
-    class ScriptedHead:  # row b says scripts[b] one token per call, whatever the input
-        calls = 0
+    def last_token_as_hidden(model, idx, cache, *args):  # (B, T) ids -> (B, T, 1): the head sees each row's last
+        for layer in cache:  # token; a cache with one entry per row, as the real one has
+            layer[0] = layer[1] = torch.zeros(idx.size(0), 1, 1, 1)
+        return idx[..., None].float()
 
-        def __call__(self, x):
-            logits = torch.zeros(x.size(0), PADDED_VOCAB)
-            for b in range(x.size(0)):
-                logits[b, scripts[b][self.calls]] = 100.0
-            self.calls += 1
-            return logits
+    def scripted_head(h):  # the next token after each row's last one, from `follows`
+        batch_sizes.append(h.size(0))
+        logits = torch.zeros(h.size(0), PADDED_VOCAB)
+        logits[torch.arange(h.size(0)), [follows[int(t)] for t in h[:, 0]]] = 100.0
+        return logits
 
     model = fd.GPT(fd.GPTConfig(block_size=64, vocab_size=PADDED_VOCAB, n_layer=1, n_head=1, n_embd=8))
-    head = ScriptedHead()
-    monkeypatch.setattr(fd, "generation_output_layer", lambda model, autocast=None: head)
-    assert fd.generate_batch(model, [[1, 2], [3], [4, 5, 6]], 4, temperature=0) == [[5], [5, 6, 7], [8, 9, 10, 11]]
-    head.calls = 0
-    scripts[2] = [12, 13, EOT, 1]
-    assert fd.generate_batch(model, [[1, 2], [3], [4, 5, 6]], 30, temperature=0) == [[5], [5, 6, 7], [12, 13]]
-    assert head.calls == 4  # nothing after the last row's EOT
+    monkeypatch.setattr(fd.GPT, "hidden_states", last_token_as_hidden)
+    monkeypatch.setattr(fd, "generation_output_layer", lambda model, autocast=None: scripted_head)
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    assert fd.generate_batch(model, prompts, 4, temperature=0) == [[20], [30, 31, 32], [60, 61, 62, 63]]
+    assert batch_sizes == [3, 3, 2, 2]  # the first row left after its EOT
+    follows[61], batch_sizes[:] = EOT, []
+    assert fd.generate_batch(model, prompts, 30, temperature=0) == [[20], [30, 31, 32], [60, 61]]
+    assert batch_sizes == [3, 3, 2, 1]  # and nothing after the last row's EOT
 
 
 def test_top_k_keeps_ties_with_the_kth_logit():
