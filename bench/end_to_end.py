@@ -24,16 +24,21 @@ costs beyond a durable torch.save.
                 survives a power cut. For reference also (e): the same without the fsyncs. The state is taken after
                 the bare steps.
 
-The run is README's CPU quick-start command (30 steps; val loss at 0/10/20/30 on the whole val split, samples at
-0/15/30, checkpoints at 10/20/30): --pretrained_checkpoint none --n_layer 4 --n_head 4 --n_embd 128 --block_size 256
---sequence_length 128 --batch_size 8 --total_batch_size 8192 --max_steps 30 --max_lr 2e-3 --min_lr 2e-4
---warmup_steps 3 --eval_interval 10 --generate_interval 15 --checkpoint_interval 10 --threads 1.
+    (f) verify  what checking a checkpoint's bytes against its zip CRC-32s costs, at GPT-2 124M's shape (weights and
+                AdamW state, ~1.4 GiB): fd.safe_torch_load (the check in threads beside a memory-mapped torch.load)
+                and a copy of every tensor, as the model and the optimizer take them, against the same memory-mapped
+                load and copy without the check. The cost is the difference, as a share of a plain
+                torch.load(weights_only=True) of the file; the check alone (its CPU work) is printed beside it.
+
+The run is README's CPU quick start, config/quickstart.json (30 steps; val loss at 0/10/20/30 on the whole val split,
+samples at 0/15/30, checkpoints at 10/20/30).
 --max_steps and --interval N (one interval for all three) shorten it; --set FIELD=VALUE ... changes any other setting.
 (a) and (b) alternate (a, b, a, b, ...); (c), (d), (e) alternate over --save_rounds after one warm-up each; medians.
 
 Goals (PASS/MISS; --strict exits 1 on a MISS):
     whole-run overhead without evaluation <= 5% of the bare step time (the total is printed for information)
     full checkpoint save <= 1.2x a durable atomic torch.save (with fsync of the file and the directory)
+    verifying a 124M checkpoint's CRC-32s costs <= 0.3x the plain load
 The latest figures are in bench/README.md.
 
 Run (CPU; one round is a 30-step run plus 30 bare steps):
@@ -67,10 +72,9 @@ import finetune_dolly as fd  # noqa: E402
 
 GOAL_OVERHEAD_EXCL_EVAL = 0.05  # (run - bare - time in evaluate) / bare
 GOAL_SAVE = 1.2  # full checkpoint save / durable atomic torch.save (fsync of the file and the directory)
-QUICKSTART = dict(  # README's quick start (config/quickstart.json)
-    pretrained_checkpoint="none", n_layer=4, n_head=4, n_embd=128, block_size=256, sequence_length=128,
-    batch_size=8, total_batch_size=8192, max_steps=30, max_lr=2e-3, min_lr=2e-4, warmup_steps=3,
-    eval_interval=10, generate_interval=15, checkpoint_interval=10, threads=1)
+GOAL_VERIFY = 0.3  # (checked load - unchecked load) / plain torch.load, at 124M
+with open(os.path.join(ROOT, "config", "quickstart.json")) as f:  # README's quick start; its log dir is a temp dir here
+    QUICKSTART = {k: v for k, v in json.load(f).items() if k != "log_dir"}
 TIMED = ("evaluate", "write_samples", "refresh_plot", "atomic_torch_save", "atomic_link", "prune_checkpoints")
 
 
@@ -208,6 +212,45 @@ def bench_save(model, optimizer, loader, cfg, manifest, rounds, tmp_root):
 
 
 # -----------------------------------------------------------------------------
+# (f) the CRC-32 check of a checkpoint, against the load itself
+
+def bench_verify(rounds, tmp_root):
+    """Medians of {"plain", "checked", "unchecked", "check"} seconds for a 124M-shaped checkpoint (weights and
+    AdamW state after one step), written once to a temp dir; the page cache holds it, as after a save."""
+    model = fd.GPT(fd.GPTConfig(vocab_size=50304))
+    optimizer = model.configure_optimizer(fd.TrainConfig(), "cpu")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    d = tempfile.mkdtemp(prefix="verify_", dir=tmp_root)
+    path = os.path.join(d, "model.pt")
+    try:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        del model, optimizer
+
+        def copy_all(state):  # what the model and the optimizer do with the loaded tensors
+            tensors = [v for v in state["model"].values()] + [t for s in state["optimizer"]["state"].values()
+                                                              for t in s.values() if torch.is_tensor(t)]
+            return [t.clone() for t in tensors]
+
+        kinds = {"plain": lambda: torch.load(path, weights_only=True),
+                 "checked": lambda: copy_all(fd.safe_torch_load(path)),
+                 "unchecked": lambda: copy_all(torch.load(path, weights_only=True, mmap=True)),
+                 "check": lambda: fd.damaged_records(path)}
+        seconds = {k: [] for k in kinds}
+        for r in range(rounds + 1):  # round 0 warms up (and brings the file into the page cache)
+            for kind in list(kinds)[r % 4:] + list(kinds)[:r % 4]:
+                t = time.perf_counter()
+                result = kinds[kind]()
+                if r:
+                    seconds[kind].append(time.perf_counter() - t)
+                del result
+        return {k: statistics.median(v) for k, v in seconds.items()}, os.path.getsize(path)
+    finally:
+        shutil.rmtree(d)
+
+
+# -----------------------------------------------------------------------------
 
 def main():
     p = argparse.ArgumentParser(
@@ -226,6 +269,8 @@ def main():
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override any TrainConfig field, e.g. --set sequence_length=128 total_batch_size=8192 "
                         "(README's quick start)")
+    p.add_argument("--verify_rounds", type=int, default=3,
+                   help="rounds of the checkpoint check at 124M (0: skip it; it needs ~5 GB of memory)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any goal is missed")
     args = p.parse_args()
     if min(args.rounds, args.save_rounds, args.max_steps) < 1 or (args.interval is not None and args.interval < 1):
@@ -308,6 +353,15 @@ def main():
         s = save_seconds[kind]
         print(f"   {label:50s} {statistics.median(s) * 1e3:8.1f} ms  (min {min(s) * 1e3:.1f}, max {max(s) * 1e3:.1f})")
 
+    if args.verify_rounds:
+        verify, size = bench_verify(args.verify_rounds, args.tmp_dir)
+        print(f"\n== checkpoint check: 124M weights + AdamW state, {size / 2**30:.2f} GiB, median of "
+              f"{args.verify_rounds} rounds")
+        for kind, label in (("plain", "torch.load(weights_only=True)"),
+                            ("checked", "fd.safe_torch_load (CRC-32 check + mmap load) + copy"),
+                            ("unchecked", "mmap load + copy, no check"), ("check", "the CRC-32 check alone")):
+            print(f"   {label:55s} {verify[kind]:7.2f} s")
+
     print(f"\nload average now {os.getloadavg()[0]:.2f}; {time.time() - t_start:.0f} s")
     results = []
     results.append(overhead_excl_eval <= GOAL_OVERHEAD_EXCL_EVAL and same < 1e-6)
@@ -320,6 +374,12 @@ def main():
     results.append(full / durable <= GOAL_SAVE)
     print(f"{'PASS' if results[-1] else 'MISS'}: full checkpoint save {full / durable:.2f}x a durable atomic "
           f"torch.save with fsync (goal <= {GOAL_SAVE:g}x; {full / plain:.2f}x the same without fsync)")
+    if args.verify_rounds:
+        cost = (verify["checked"] - verify["unchecked"]) / verify["plain"]
+        results.append(cost <= GOAL_VERIFY)
+        print(f"{'PASS' if results[-1] else 'MISS'}: checking a 124M checkpoint's CRC-32s costs {cost:.2f}x its plain "
+              f"load (goal <= {GOAL_VERIFY:g}x; the check alone, in {min(8, os.cpu_count() or 1)} threads: "
+              f"{verify['check'] / verify['plain']:.2f}x)")
     return 1 if args.strict and not all(results) else 0
 
 if __name__ == "__main__":

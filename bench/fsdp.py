@@ -135,8 +135,9 @@ def main():
             m = measured[strategy] = run(args, strategy, nproc)
             fit = m["estimate"] / m["peak"]
             ok &= abs(fit - 1) <= GOAL_ESTIMATE
-            print(f"{strategy} x {nproc:<6d} {m['state'] / gib:10.2f} {m['peak'] / gib:9.2f} {m['estimate'] / gib:9.2f} "
-                  f"{fit:8.2f}x {m['step']:7.2f}  estimate {'PASS' if abs(fit - 1) <= GOAL_ESTIMATE else 'MISS'}")
+            verdict = "PASS" if abs(fit - 1) <= GOAL_ESTIMATE else "MISS"
+            sizes = f"{m['state'] / gib:10.2f} {m['peak'] / gib:9.2f} {m['estimate'] / gib:9.2f}"
+            print(f"{strategy} x {nproc:<6d} {sizes} {fit:8.2f}x {m['step']:7.2f}  estimate {verdict}")
         ddp, fsdp = measured["ddp"], measured["fsdp"]
         state = fsdp["state"] / ddp["state"]
         goal = GOAL_STATE.get(nproc, 1.1 / nproc)

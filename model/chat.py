@@ -30,7 +30,7 @@ from contextlib import nullcontext, redirect_stdout
 import torch
 
 import finetune_dolly as fd
-from prepare_dolly import DataError, format_prompt, get_tokenizer
+from prepare_dolly import format_prompt, get_tokenizer
 
 DEFAULT_LOG_DIR = "logs_finetune"
 HELP_LINE = ("Type an instruction and press Enter. 'context: TEXT' attaches a context to the next instruction; "
@@ -178,32 +178,29 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    try:
-        device = fd.pick_device(args.device)
-        with redirect_stdout(sys.stderr):  # the loaders' notes and warnings stay out of the answer on stdout
-            model, source = load_model(args.checkpoint)
-            enc = get_tokenizer(verbose=False)
-        model.to(device).eval()
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"loaded {source}: {n_params / 1e6:.1f}M params, context {model.config.block_size} tokens, "
-              f"on {device}", file=sys.stderr)
-        _, autocast = fd.pick_autocast(device.split(":")[0])
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        if args.prompt is None:
-            return chat_loop(model, enc, args, generator, autocast)
-        text, stop = respond(model, enc, args.prompt, args.context, args.max_new_tokens, args.temperature, args.top_k,
-                             generator, autocast)
-        print(text)
-        note = stop_note(stop, args.max_new_tokens, model.config.block_size, text)
-        if note:
-            print(note, file=sys.stderr)
-        return 0
-    except (fd.UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return fd.EXIT_ERROR
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return fd.run_tool(lambda: answer(args))
+
+
+def answer(args):
+    device = fd.pick_device(args.device)
+    with redirect_stdout(sys.stderr):  # the loaders' notes and warnings stay out of the answer on stdout
+        model, source = load_model(args.checkpoint)
+        enc = get_tokenizer(verbose=False)
+    model.to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {source}: {n_params / 1e6:.1f}M params, context {model.config.block_size} tokens, "
+          f"on {device}", file=sys.stderr)
+    _, autocast = fd.pick_autocast(device.split(":")[0])
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.prompt is None:
+        return chat_loop(model, enc, args, generator, autocast)
+    text, stop = respond(model, enc, args.prompt, args.context, args.max_new_tokens, args.temperature, args.top_k,
+                         generator, autocast)
+    print(text)
+    note = stop_note(stop, args.max_new_tokens, model.config.block_size, text)
+    if note:
+        print(note, file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import finetune_dolly as fd
-from prepare_dolly import EOT, DataError, get_tokenizer
+from prepare_dolly import EOT, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings
@@ -581,16 +581,13 @@ def evaluate_models(args):
 
 def main(argv=None):
     args = get_args(argv)
-    try:
-        with redirect_stdout(sys.stderr):  # the loaders' notes and warnings stay out of the table on stdout
-            report, out_dir = evaluate_models(args)
-        write_outputs(out_dir, report)
-    except (fd.UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return fd.EXIT_ERROR
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return fd.run_tool(lambda: evaluate_and_report(args))
+
+
+def evaluate_and_report(args):
+    with redirect_stdout(sys.stderr):  # the loaders' notes and warnings stay out of the table on stdout
+        report, out_dir = evaluate_models(args)
+    write_outputs(out_dir, report)
     print(render_stdout(report))
     print(f"\nwrote {os.path.join(out_dir, 'eval.md')} and eval.json")
     return 0

@@ -30,9 +30,7 @@ Exit status: 0 done; 1 error (one line says what to do); 2 bad command line.
 """
 
 import argparse
-import base64
 import functools
-import hashlib
 import json
 import math
 import os
@@ -44,8 +42,8 @@ from contextlib import redirect_stdout
 import torch
 
 import finetune_dolly as fd
-from prepare_dolly import (BUNDLED_RANKS, BUNDLED_RANKS_SHA256, EOT, EOT_TEXT, HF_DATASET, PROMPT_TEMPLATE,
-                           PROMPT_TEMPLATE_WITH_CONTEXT, VOCAB_SIZE, DataError)
+from prepare_dolly import (BUNDLED_RANKS, EOT, EOT_TEXT, HF_DATASET, PROMPT_TEMPLATE, PROMPT_TEMPLATE_WITH_CONTEXT,
+                           VOCAB_SIZE, DataError, bundled_ranks)
 
 try:
     from safetensors.torch import save_file
@@ -161,24 +159,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def load_ranks():
-    """{token bytes: rank} of GPT-2's BPE from model/gpt2.tiktoken (the file tiktoken downloads for "gpt2")."""
-    restore = "restore it with `git checkout model/gpt2.tiktoken`"
-    try:
-        with open(BUNDLED_RANKS, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"{BUNDLED_RANKS}: cannot read ({e.strerror}); {restore}")
-    if hashlib.sha256(data).hexdigest() != BUNDLED_RANKS_SHA256:
-        raise DataError(f"{BUNDLED_RANKS} is corrupt (sha256 mismatch); {restore}")
-    ranks = {}
-    for line in data.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
 def bytes_to_unicode():
     """GPT-2's byte -> printable character map (its encoder.py): vocab.json and merges.txt spell tokens with it."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -207,7 +187,7 @@ def gpt2_vocab_merges():
     """GPT-2's vocabulary ({token: id}, <|endoftext|> included) and its 50,000 merges in order, recovered from the
     tiktoken ranks (a rank is 256 + the index of the merge that made the token), spelled as vocab.json and
     merges.txt spell them."""
-    ranks = load_ranks()
+    ranks = bundled_ranks()
     byte_char = bytes_to_unicode()
 
     def spell(b):
@@ -545,15 +525,12 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    try:
-        with redirect_stdout(sys.stderr):  # the loaders' notes go with the other diagnostics
-            loaded = export(args.checkpoint, args.out_dir, args.dtype, args.license, args.force)
-    except (fd.UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return fd.EXIT_ERROR
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return fd.run_tool(lambda: export_and_report(args))
+
+
+def export_and_report(args):
+    with redirect_stdout(sys.stderr):  # the loaders' notes go with the other diagnostics
+        loaded = export(args.checkpoint, args.out_dir, args.dtype, args.license, args.force)
     print(f"exported {loaded.description} to {os.path.normpath(args.out_dir)}/ ({args.dtype}): "
           f"load it with transformers' pipeline(\"text-generation\", model=\"{os.path.normpath(args.out_dir)}\")")
     return 0

@@ -81,7 +81,7 @@ from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-from prepare_dolly import EOT, VOCAB_SIZE, format_prompt, get_tokenizer
+from prepare_dolly import EOT, VOCAB_SIZE, DataError, format_prompt, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # config: every knob in one place; the CLI is built from these fields
@@ -1214,6 +1214,19 @@ def loaded_finetune(path, ckpt):
                                      f"{ckpt.get('init_source', '?')})", path, meta)
 
 
+def run_tool(body):
+    """A tool's main (chat, eval, export): body() returns the exit status; a UserError (or prepare_dolly's DataError)
+    becomes one `error:` line on stderr and exit 1, Ctrl-C exit 130."""
+    try:
+        return body()
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
 def check_finite(model, name):
     """Raises UserError if a weight of model is NaN/inf: a diverged run, whose answers would be nonsense."""
     if bad := count_nonfinite(model):
@@ -2211,8 +2224,11 @@ def train(cfg, given=frozenset()):
                        f"--auto_resume")
                 return EXIT_PREEMPTED
         run.stop.saved_exit_code = 0
+        # answers of at most half the context, so that a model that does not stop shows as such, not as cut
+        answer_tokens = min(256, model.config.block_size // 2)
         log0(run, f"done. Judge the fine-tune against the model it started from: python model/eval_dolly.py "
-                  f"--data_dir {cfg.data_dir} --checkpoint start:{cfg.log_dir} --checkpoint {cfg.log_dir}")
+                  f"--data_dir {cfg.data_dir} --checkpoint start:{cfg.log_dir} --checkpoint {cfg.log_dir}"
+                  + (f" --max_new_tokens {answer_tokens}" if answer_tokens < 256 else ""))
         return 0
 
 

@@ -109,6 +109,17 @@ def get_tokenizer(verbose=True):
     if "encoding" in result:
         return result["encoding"]
     reason = type(result["error"]).__name__ if "error" in result else f"no answer in {TIKTOKEN_TIMEOUT:g} s"
+    ranks = bundled_ranks()
+    from tiktoken_ext.openai_public import r50k_pat_str
+    if verbose:
+        print(f"tiktoken could not download the GPT-2 ranks ({reason}); using the bundled copy "
+              f"{os.path.relpath(BUNDLED_RANKS)}")
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=VOCAB_SIZE)
+
+
+def bundled_ranks():
+    """{token bytes: rank} of GPT-2's BPE from model/gpt2.tiktoken, checked against its sha256."""
     try:
         with open(BUNDLED_RANKS, "rb") as f:
             data = f.read()
@@ -123,12 +134,7 @@ def get_tokenizer(verbose=True):
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    from tiktoken_ext.openai_public import r50k_pat_str
-    if verbose:
-        print(f"tiktoken could not download the GPT-2 ranks ({reason}); using the bundled copy "
-              f"{os.path.relpath(BUNDLED_RANKS)}")
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=VOCAB_SIZE)
+    return ranks
 
 
 def format_example(record):

@@ -46,7 +46,8 @@ FSDP_NORM_REL = 1e-3
 LONG = 300  # seconds any single run may take on a loaded 2-core box
 
 pytestmark = [
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="needs torch.distributed with gloo"),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds worker processes through /proc"),
 ]
 
@@ -63,7 +64,8 @@ def command(nproc, data_dir, log_dir, *extra):
 
 def run(nproc, data_dir, log_dir, *extra):
     """Runs to the end; returns stdout (the workers' output comes through the launcher's)."""
-    r = subprocess.run(command(nproc, data_dir, log_dir, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=LONG)
+    r = subprocess.run(command(nproc, data_dir, log_dir, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=LONG)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r.stdout
 
@@ -71,7 +73,8 @@ def run(nproc, data_dir, log_dir, *extra):
 def start(nproc, data_dir, log_dir, out_path, *extra):
     """Starts in the background, output to a file (a pipe nobody reads could fill up and block the run)."""
     with open(out_path, "w") as out:
-        return subprocess.Popen(command(nproc, data_dir, log_dir, *extra), cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command(nproc, data_dir, log_dir, *extra), cwd=ROOT, env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def tail(path, n=6000):
@@ -161,7 +164,8 @@ def weights(log_dir, step):
 
 
 def assert_close(a, b, rel, what):
-    assert math.isclose(a, b, rel_tol=rel, abs_tol=0.0), f"{what}: {a!r} vs {b!r} (relative difference {abs(a - b) / max(abs(a), abs(b)):.2e})"
+    difference = abs(a - b) / max(abs(a), abs(b))
+    assert math.isclose(a, b, rel_tol=rel, abs_tol=0.0), f"{what}: {a!r} vs {b!r} (relative diff. {difference:.1e})"
 
 
 def assert_same_metrics(got, want, rel=REL, norm_rel=10 * REL):

@@ -21,34 +21,11 @@ import tokenizers  # noqa: E402  (a dependency of transformers, and of the expor
 import chat  # noqa: E402
 import export_hf  # noqa: E402
 import finetune_dolly as fd  # noqa: E402
-from conftest import PYTHON, ROOT, run_trainer  # noqa: E402
+from conftest import NANOGPT_CONFIG, PYTHON, ROOT, run_trainer, write_nanogpt_checkpoints  # noqa: E402
 from prepare_dolly import EOT, EOT_TEXT, VOCAB_SIZE, format_prompt, get_tokenizer  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "dolly15k", "dolly_sample.jsonl")
 NEW_TOKENS = 64
-
-NANOGPT_WRITER = r"""
-import sys
-from dataclasses import dataclass
-import torch
-sys.path.insert(0, sys.argv[1])
-import finetune_dolly as fd
-
-@dataclass
-class GPTConfig:  # build-nanogpt's train_gpt2.py, pickled as __main__.GPTConfig
-    block_size: int = 1024
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-
-config = GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
-torch.manual_seed(5)
-model = fd.GPT(fd.GPTConfig(**vars(config)))
-sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}  # saved from the torch.compile'd model
-torch.save({"model": sd, "config": config, "step": 19072, "val_loss": 3.1}, sys.argv[2])
-"""
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -81,11 +58,11 @@ def sources(tmp_path_factory, data_dir):
         for name, p in model.named_parameters():
             p.normal_(1.0 if ".ln_" in name and name.endswith("weight") else 0.0, 0.2)
     torch.save(model.state_dict(), base / "random.pt")  # a bare state dict: n_head = n_embd // 64 = 1
-    subprocess.run([PYTHON, "-c", NANOGPT_WRITER, os.path.join(ROOT, "model"), str(base / "nanogpt.pt")], check=True,
-                   timeout=120)
+    torch.manual_seed(5)
+    write_nanogpt_checkpoints(fd.GPT(fd.GPTConfig(**NANOGPT_CONFIG)).state_dict(), base)  # as a compiled model saves
     r = run_trainer(data_dir, base / "run", "--block_size", "256")
     assert r.returncode == 0, r.stderr
-    return {"random": str(base / "random.pt"), "nanogpt": str(base / "nanogpt.pt"), "finetuned": str(base / "run")}
+    return {"random": str(base / "random.pt"), "nanogpt": str(base / "_orig_mod.pt"), "finetuned": str(base / "run")}
 
 
 @pytest.fixture(scope="module")

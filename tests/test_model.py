@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import finetune_dolly as fd
+from conftest import write_nanogpt_checkpoints
 
 EOT = 50256  # <|endoftext|>
 PADDED_VOCAB = 50304  # build-nanogpt's vocab_size (50257 rounded up to a multiple of 128)
@@ -101,37 +102,11 @@ def test_hub_dir_without_weights_is_a_user_error(tmp_path):
 # -----------------------------------------------------------------------------
 # 2. build-nanogpt's train_gpt2.py checkpoints: {'model', 'config': __main__.GPTConfig, 'step', 'val_loss'}
 
-NANOGPT_WRITER = r"""
-import sys
-from dataclasses import dataclass
-import torch
-
-@dataclass
-class GPTConfig:  # build-nanogpt's train_gpt2.py, pickled as __main__.GPTConfig
-    block_size: int = 1024
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-
-sd_path, out_dir = sys.argv[1], sys.argv[2]
-sd = torch.load(sd_path, weights_only=True)
-config = GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=16)
-for prefix in ("_orig_mod.", "module."):  # torch.compile'd / DDP-wrapped model saved without unwrapping
-    model = {prefix + k: v for k, v in sd.items()}
-    torch.save({"model": model, "config": config, "step": 19072, "val_loss": 3.1}, f"{out_dir}/{prefix.strip('.')}.pt")
-# nanoGPT without flash attention also saves each layer's causal-mask buffer
-with_mask = dict(sd, **{f"transformer.h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 32, 32)) for i in range(2)})
-torch.save({"model": with_mask, "config": config, "step": 5000, "val_loss": 3.3}, f"{out_dir}/mask.pt")
-"""
-
-
 @pytest.fixture(scope="module")
 def nanogpt_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("nanogpt")
     reference = tiny_gpt(seed=3, vocab_size=50304, n_embd=16, block_size=32)
-    torch.save(reference.state_dict(), out / "sd.pt")
-    subprocess.run([sys.executable, "-c", NANOGPT_WRITER, str(out / "sd.pt"), str(out)], check=True, timeout=120)
+    write_nanogpt_checkpoints(reference.state_dict(), out)
     return out, reference
 
 

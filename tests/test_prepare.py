@@ -64,7 +64,8 @@ def load_manifest(out_dir):
 
 def load_split(out_dir, manifest, split):
     """(tokens, mask, category) of a split, its shards concatenated in manifest order."""
-    arrays = {kind: [np.load(os.path.join(out_dir, s[kind]), allow_pickle=False) for s in manifest["splits"][split]["shards"]]
+    shards = manifest["splits"][split]["shards"]
+    arrays = {kind: [np.load(os.path.join(out_dir, s[kind]), allow_pickle=False) for s in shards]
               for kind in ("tokens", "mask", "category")}
     dtypes = {"tokens": np.uint16, "mask": np.uint8, "category": np.uint8}
     return tuple(np.concatenate(arrays[kind]) if arrays[kind] else np.zeros(0, dtype) for kind, dtype in dtypes.items())
@@ -264,7 +265,8 @@ def test_encode_examples_equals_tokenize_example_on_one_or_more_threads(enc, sam
     """Groups of 256 records, each one text joined by the EOT special token, go to a thread pool (one thread per CPU
     this process may use, at most 8; none on a single CPU): the tokens and the (prompt, response + EOT) counts come
     back in record order and equal tokenize_example of each record, also for records whose prompt or response ends in
-    whitespace, is a single character or spells <|endoftext|> (encoded alone, as ordinary text), at any place in a group."""
+    whitespace, is a single character or spells <|endoftext|> (encoded alone, as ordinary text), at any place in a
+    group."""
     if hasattr(os, "sched_getaffinity"):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
     records = sample_records * 4
@@ -296,7 +298,8 @@ def test_records_hash_is_sha256_of_sorted_json_lines():
 
 
 def make_split_records():
-    sizes = {"brainstorming": 1, "classification": 2, "closed_qa": 3, "general_qa": 20, "open_qa": 200, "summarization": 57}
+    sizes = {"brainstorming": 1, "classification": 2, "closed_qa": 3, "general_qa": 20, "open_qa": 200,
+             "summarization": 57}
     return [record(f"{c}-{i}", category=c) for c, n in sizes.items() for i in range(n)], sizes
 
 
@@ -400,14 +403,15 @@ def test_shards_are_the_examples_back_to_back(small_run, enc):
         examples = [tokenize_example(enc, r) for r in expected_records]
         assert tokens.tolist() == [t for example_tokens, _ in examples for t in example_tokens]
         assert mask.tolist() == [m for _, example_mask in examples for m in example_mask]
-        assert category.tolist() == [categories.index(r["category"]) for r, (t, _) in zip(expected_records, examples) for _ in t]
+        assert category.tolist() == [categories.index(r["category"])
+                                     for r, (t, _) in zip(expected_records, examples) for _ in t]
         stats = manifest["splits"][split]
         assert stats["records"] == len(expected_records)
         assert stats["tokens"] == len(tokens) and stats["response_tokens"] == int(mask.sum())
         assert np.count_nonzero(tokens == EOT) == len(expected_records)  # one EOT per example, none from the text
         assert stats["max_example_tokens"] == max(len(t) for t, _ in examples)
-        assert stats["tokens_per_category"] == dict(sorted(Counter(
-            {c: int(np.count_nonzero(category == i)) for i, c in enumerate(categories) if np.any(category == i)}).items()))
+        counts = {c: int(np.count_nonzero(category == i)) for i, c in enumerate(categories) if np.any(category == i)}
+        assert stats["tokens_per_category"] == dict(sorted(Counter(counts).items()))
         assert sum(stats["records_per_category"].values()) == len(expected_records)
     assert int(load_split(out_dir, manifest, "train")[0].max()) < prepare_dolly.VOCAB_SIZE
 
@@ -445,7 +449,8 @@ def test_rerun_removes_stale_shards_and_keeps_other_files(small_run, tmp_path):
     shutil.copy(os.path.join(ROOT, "dolly15k", "README.md"), out_dir / "README.md")
     shutil.copy(prepare_dolly.BUNDLED_SAMPLE, out_dir / "dolly_sample.jsonl")
     (out_dir / "notes.txt").write_text("mine")
-    keep = {name: data for name, data in read_dir(out_dir).items() if not name.startswith("dolly_") or name.endswith(".jsonl")}
+    keep = {name: data for name, data in read_dir(out_dir).items()
+            if not name.startswith("dolly_") or name.endswith(".jsonl")}
     keep.pop("manifest.json")
     args = ("--input", small_run["path"], "--shard_size", 100_000, "--val_fraction", 0.1)
     result = run_cli(*args, "--output_dir", out_dir)
@@ -460,7 +465,8 @@ def test_rerun_removes_stale_shards_and_keeps_other_files(small_run, tmp_path):
 
 
 def test_empty_responses_and_duplicates_are_skipped_and_counted(tmp_path, enc, monkeypatch):
-    records = [record(1), record(2, response=""), record(3, response="  \n "), record(1), record(4, category="closed_qa")]
+    records = [record(1), record(2, response=""), record(3, response="  \n "), record(1),
+               record(4, category="closed_qa")]
     path = write_jsonl(tmp_path / "in.jsonl", records)
     monkeypatch.setattr(prepare_dolly, "get_tokenizer", lambda verbose=True: enc)
     assert prepare_dolly.main(["--input", path, "--output_dir", str(tmp_path / "out"), "--quiet"]) == 0
@@ -474,12 +480,14 @@ def test_empty_responses_and_duplicates_are_skipped_and_counted(tmp_path, enc, m
 def test_zero_val_fraction_writes_an_empty_val_split(small_run, tmp_path, enc, monkeypatch):
     monkeypatch.setattr(prepare_dolly, "get_tokenizer", lambda verbose=True: enc)
     out_dir = tmp_path / "out"
-    assert prepare_dolly.main(["--input", small_run["path"], "--output_dir", str(out_dir), "--val_fraction", "0", "--quiet"]) == 0
+    args = ["--input", small_run["path"], "--output_dir", str(out_dir), "--val_fraction", "0", "--quiet"]
+    assert prepare_dolly.main(args) == 0
     manifest = load_manifest(out_dir)
     assert manifest["splits"]["val"]["records"] == manifest["splits"]["val"]["tokens"] == 0
     assert manifest["splits"]["val"]["shards"] == [] and manifest["sample_prompts"] == []
     assert manifest["splits"]["train"]["records"] == len(small_run["records"])
-    assert manifest["splits"]["train"]["tokens"] == sum(small_run["manifest"]["splits"][s]["tokens"] for s in ("train", "val"))
+    before = small_run["manifest"]["splits"]
+    assert manifest["splits"]["train"]["tokens"] == sum(before[s]["tokens"] for s in ("train", "val"))
 
 
 def test_json_list_and_parquet_inputs_match_jsonl(small_run, tmp_path):
