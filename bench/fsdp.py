@@ -9,7 +9,7 @@ fd.accumulate_gradients) and take a few AdamW steps on random tokens, then repor
             optimizer.step, when all three exist;
     peak    the process's resident-memory high-water mark during the steps (VmHWM, reset after the set-up) minus
             its resident memory just before the model was built: what the model, its training state and the
-            step's activations and buffers take;
+            step's activations and buffers take (with glibc returning freed blocks of 128 KiB and more);
     step    the median time of the steps after the first.
 Goals: FSDP's per-rank state <= 0.55x DDP's at 2 processes and <= 0.3x at 4; the estimate within 20% of the
 measured peak (0.8x-1.2x) for every run. Peak memory and step time are printed as ratios, without a goal.
@@ -100,7 +100,10 @@ def run(args, strategy, nproc):
            "--n_head", str(args.n_head), "--n_embd", str(args.n_embd), "--batch_size", str(args.batch_size),
            "--sequence_length", str(args.sequence_length)] + (["--activation_checkpointing"]
                                                               if args.activation_checkpointing else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # glibc hands blocks of 128 KiB and more out as their own mappings and returns them when freed: the resident
+    # high-water mark then follows the live tensors (as a GPU's max_memory_allocated does), not what malloc keeps
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise SystemExit(f"{strategy} x {nproc} failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")

@@ -142,7 +142,7 @@ def finetune_meta(spec):
         raise fd.UserError(f"--checkpoint {START_PREFIX}{spec}: {spec} is no file or folder here; start: takes a "
                            f"fine-tune checkpoint or log dir (e.g. {START_PREFIX}logs_finetune)")
     try:
-        return spec, fd.load_checkpoint(spec)
+        return spec, fd.load_checkpoint(spec, mmap=True)
     except fd.UserError as e:
         if "not a full fine-tune checkpoint" in str(e):
             raise fd.UserError(f"--checkpoint {START_PREFIX}{spec}: {spec} is not a fine-tune checkpoint, so it names "

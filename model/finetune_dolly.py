@@ -610,7 +610,7 @@ def target_cross_entropy(h, weight, targets, reduction="mean", tied=None):
 
 
 # -----------------------------------------------------------------------------
-# loading weights: pretrained models, build-nanogpt checkpoints, files that must not run code
+# loading weights: pretrained models, build-nanogpt checkpoints; files that could run code or are damaged refused
 
 class _NanoGPTConfig:
     """Stand-in for build-nanogpt's GPTConfig, which its train_gpt2.py pickles as __main__.GPTConfig.
@@ -620,9 +620,11 @@ class _NanoGPTConfig:
 _NanoGPTConfig.__module__, _NanoGPTConfig.__qualname__, _NanoGPTConfig.__name__ = "__main__", "GPTConfig", "GPTConfig"
 
 
-def safe_torch_load(path, map_location="cpu"):
+def safe_torch_load(path, map_location="cpu", mmap=False):
     """torch.load that never executes arbitrary pickled code and checks every byte of the file against the CRC-32s
-    of its zip archive, in a thread while torch.load reads it. Raises UserError for unsafe or damaged files."""
+    of its zip archive, in threads while torch.load reads it. Raises UserError for unsafe or damaged files.
+    mmap: map the file instead of reading it, so that its tensors are read where they are used (--fsdp ranks share
+    the pages and copy their shards only; the tools take the weights only); the check then costs its own time."""
     with open(path, "rb") as f:
         head = f.read(2)
     if head and head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy format: a pickle)
@@ -631,9 +633,7 @@ def safe_torch_load(path, map_location="cpu"):
         check = pool.submit(damaged_records, path) if head == b"PK" else None
         try:
             with torch.serialization.safe_globals([_NanoGPTConfig]):
-                # a zip archive is memory-mapped: ranks on one node share its pages, and none holds a copy of
-                # the whole file; the tensors are copied where they are used (the model, the optimizer)
-                loaded = torch.load(path, map_location=map_location, weights_only=True, mmap=head == b"PK")
+                loaded = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and head == b"PK")
         except pickle.UnpicklingError as e:
             if "Weights only load failed" not in str(e):
                 raise
@@ -1083,14 +1083,15 @@ def checkpoint_state(model, optimizer, loader, cfg, step, *, val_loss=None, best
             "init_seed": cfg.seed if init_seed is None else init_seed, "world_size": world_size}
 
 
-def load_checkpoint(path):
-    """Loads and checks a fine-tune checkpoint; raises UserError saying why it is unusable."""
+def load_checkpoint(path, mmap=False):
+    """Loads and checks a fine-tune checkpoint (mmap: see safe_torch_load); raises UserError saying why it is
+    unusable."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path}: no such file")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint {path}: empty file (0 bytes)")
     try:
-        ckpt = safe_torch_load(path)
+        ckpt = safe_torch_load(path, mmap=mmap)
     except UserError:
         raise
     except Exception as e:
@@ -1112,12 +1113,12 @@ def model_from_checkpoint(ckpt, path):
     return model
 
 
-def find_resume_checkpoint(log_dir):
+def find_resume_checkpoint(log_dir, mmap=False):
     """The newest loadable checkpoint in log_dir as (path, ckpt), skipping broken ones with a warning;
     (None, None) if none loads."""
     for _, path in reversed(list_checkpoints(log_dir)):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, mmap)
         except UserError as e:
             print0(f"WARNING: skipping {e}")
     return None, None
@@ -1162,10 +1163,10 @@ def pick_checkpoint(log_dir):
     best = os.path.join(log_dir, BEST_NAME)
     if os.path.isfile(best):
         try:
-            return best, load_checkpoint(best)
+            return best, load_checkpoint(best, mmap=True)
         except UserError as e:
             print0(f"WARNING: skipping {e}")
-    path, ckpt = find_resume_checkpoint(log_dir)
+    path, ckpt = find_resume_checkpoint(log_dir, mmap=True)
     if ckpt is not None:
         return path, ckpt
     if os.path.isfile(best) or list_checkpoints(log_dir):
@@ -1195,7 +1196,7 @@ def load_model(spec):
                             f"(logs_finetune/model_best.pt), its log dir, a build-nanogpt checkpoint "
                             f"(logs/model_19072.pt), a Hugging Face folder or a Hub name ({', '.join(HUB_MODELS)})")
         try:
-            return loaded_finetune(spec, load_checkpoint(spec))
+            return loaded_finetune(spec, load_checkpoint(spec, mmap=True))
         except UserError as e:
             if "not a full fine-tune checkpoint" not in str(e):
                 raise  # empty, truncated, unsafe or from another format version: the message says which
@@ -1849,7 +1850,7 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
     if cfg.checkpoint_path:
         path = cfg.checkpoint_path
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, mmap=cfg.fsdp)
         except UserError as e:
             if cfg.strict_resume or not os.path.isfile(path):
                 raise UserError(f"--checkpoint_path: {e}") from None
@@ -1861,7 +1862,7 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
             path = None
     elif cfg.auto_resume or cfg.resume:
         if found is None:
-            path, ckpt = find_resume_checkpoint(cfg.log_dir)
+            path, ckpt = find_resume_checkpoint(cfg.log_dir, mmap=cfg.fsdp)
         if ckpt is None and cfg.strict_resume:
             raise UserError(f"--strict_resume: no loadable checkpoint (model_NNNNN.pt) in {cfg.log_dir}")
     existing = list_checkpoints(cfg.log_dir) if ckpt is None else []
@@ -1917,11 +1918,11 @@ def scan_for_resume(cfg, rank, world_size):
     (path, ckpt), or (None, None) when none loads. None where resolve_start scans itself."""
     if world_size == 1 or not (cfg.auto_resume or cfg.resume) or cfg.checkpoint_path:
         return None
-    found = find_resume_checkpoint(cfg.log_dir) if rank == 0 else (None, None)
+    found = find_resume_checkpoint(cfg.log_dir, mmap=cfg.fsdp) if rank == 0 else (None, None)
     choice = [found[0]]
     dist.broadcast_object_list(choice, src=0)
     if choice[0] and rank > 0:
-        found = (choice[0], load_checkpoint(choice[0]))
+        found = (choice[0], load_checkpoint(choice[0], mmap=cfg.fsdp))
     return found if choice[0] else (None, None)  # nothing loads: the other ranks need not look again
 
 
@@ -2050,15 +2051,23 @@ def start_run(cfg, given, cleanup):
     run.stop = StopSignal()
     if (rank == 0 or is_fsdp(model)) and cfg.generate_interval > 0:  # under FSDP every rank takes part in samples
         run.enc = get_tokenizer(verbose=rank == 0)
+    log_start(run, decision, dtype, compiled, grad_accum, steps_per_epoch)
+    return run
+
+
+def log_start(run, decision, dtype, compiled, grad_accum, steps_per_epoch):
+    """The start-up summary (rank 0): the resume decision, where the model came from, the strategy, the memory
+    estimate (with a warning on a GPU it does not fit), the data, tokens per step and epochs, the guide's warnings."""
+    cfg, model, manifest, device, world_size = run.cfg, run.model, run.manifest, run.device, run.world_size
     n_params = sum(p.numel() for p in model.parameters())
     strategy = "FSDP" if is_fsdp(model) else "DDP" if world_size > 1 else "one process"
     checkpointing = " | activation checkpointing" if cfg.activation_checkpointing else ""
     log0(run, f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
     log0(run, f"device {device} x {world_size} process(es) ({strategy}{checkpointing}) | dtype {dtype} | compile "
-              f"{compiled} | model {n_params / 1e6:.2f}M params {asdict(model.config)} from {init_source}")
-    memory = memory_estimate(model.config, cfg, world_size if is_fsdp(model) or world_size > 1 else 1, dtype)
+              f"{compiled} | model {n_params / 1e6:.2f}M params {asdict(model.config)} from {run.init_source}")
+    memory = memory_estimate(model.config, cfg, world_size, dtype)
     log0(run, f"memory per process (estimate): {format_memory(memory)}")
-    if device_type == "cuda" and rank == 0 and memory["total"] > torch.cuda.mem_get_info(device)[0]:
+    if device.startswith("cuda") and run.rank == 0 and memory["total"] > torch.cuda.mem_get_info(device)[0]:
         log0(run, f"WARNING: this run needs about {memory['total'] / 2 ** 30:.1f} GiB per GPU, more than the "
                   f"{torch.cuda.mem_get_info(device)[0] / 2 ** 30:.1f} GiB free on {device}; lower --batch_size "
                   f"(gradient accumulation keeps --total_batch_size), add --activation_checkpointing, or shard it "
@@ -2073,7 +2082,6 @@ def start_run(cfg, given, cleanup):
               + ", ".join(f"{c} {sum(s.get(c, 0) for s in splits):,}" for c in manifest["categories"]))
     for warning in guide_warnings(cfg, steps_per_epoch):
         log0(run, f"WARNING (guide): {warning}")
-    return run
 
 
 def log0(run, text):
@@ -2231,6 +2239,9 @@ def train(cfg, given=frozenset()):
                   + (f" --max_new_tokens {answer_tokens}" if answer_tokens < 256 else ""))
         return 0
 
+
+# -----------------------------------------------------------------------------
+# main: one line per error, also under torchrun
 
 ERROR_WAIT_S = 5.0  # how long a rank other than 0 waits to see whether rank 0 reports the same error
 
