@@ -391,3 +391,33 @@ def test_guide_warns_past_about_one_epoch():
     assert not fd.guide_warnings(cfg, steps_per_epoch=5.3)
     warnings = fd.guide_warnings(fd.TrainConfig(max_steps=12), steps_per_epoch=5.3)
     assert len(warnings) == 1 and "2.26 epochs" in warnings[0]
+
+
+# ---------------------------------------------------------------- --config FILE
+
+def test_config_file_values_count_as_given_and_the_command_line_wins(root, tmp_path):
+    """A --config value is a value the user gave: on resume it wins over the checkpoint's, like a flag; a flag on
+    the command line wins over the file."""
+    cfg, given = fd.parse_args(["--config", os.path.join(root, "config", "quickstart.json"), "--max_steps", "40"])
+    with open(os.path.join(root, "config", "quickstart.json")) as f:
+        from_file = json.load(f)
+    assert cfg.max_steps == 40 and cfg.n_layer == from_file["n_layer"] and cfg.max_lr == from_file["max_lr"]
+    assert set(from_file) <= given and "max_steps" in given and "seed" not in given
+    path = tmp_path / "c.json"
+    path.write_text('{"max_lr": 1, "auto_resume": true}')  # an int for a float flag; a switch
+    cfg, given = fd.parse_args(["--config", str(path)])
+    assert cfg.max_lr == 1.0 and isinstance(cfg.max_lr, float) and cfg.auto_resume and given == {"max_lr", "auto_resume"}
+
+
+@pytest.mark.parametrize("text,message", [("{\"max_step\": 3}", "unknown setting 'max_step'"),
+                                          ("{\"max_steps\": \"3\"}", "max_steps must be int, got \"3\""),
+                                          ("{\"fsdp\": 1}", "fsdp must be bool, got 1"),
+                                          ("[1, 2]", "expected a JSON object"), ("{max_steps: 3", "not valid JSON"),
+                                          (None, "cannot read it")])
+def test_a_bad_config_file_is_a_one_line_error(tmp_path, text, message):
+    path = tmp_path / "c.json"
+    if text is not None:
+        path.write_text(text)
+    r = run_trainer(tmp_path, tmp_path / "log", "--config", str(path))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "log").exists()
