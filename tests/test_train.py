@@ -406,7 +406,8 @@ def test_config_file_values_count_as_given_and_the_command_line_wins(root, tmp_p
     path = tmp_path / "c.json"
     path.write_text('{"max_lr": 1, "auto_resume": true}')  # an int for a float flag; a switch
     cfg, given = fd.parse_args(["--config", str(path)])
-    assert cfg.max_lr == 1.0 and isinstance(cfg.max_lr, float) and cfg.auto_resume and given == {"max_lr", "auto_resume"}
+    assert cfg.max_lr == 1.0 and isinstance(cfg.max_lr, float) and cfg.auto_resume
+    assert given == {"max_lr", "auto_resume"}
 
 
 @pytest.mark.parametrize("text,message", [("{\"max_step\": 3}", "unknown setting 'max_step'"),
