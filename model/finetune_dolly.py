@@ -466,7 +466,8 @@ def hub_files(name_or_dir):
         return tuple(hf_hub_download(name_or_dir, f) for f in HUB_FILES)
     except Exception as e:
         raise UserError(f"cannot fetch {name_or_dir} from the Hugging Face Hub ({type(e).__name__}); on an offline "
-                        f"machine, download it elsewhere (hf download {name_or_dir}) and pass its directory") from None
+                        f"machine, download it elsewhere (hf download {name_or_dir} --local-dir DIR) and pass "
+                        f"DIR") from None
 
 
 # -----------------------------------------------------------------------------
