@@ -87,6 +87,8 @@ def respond(model, enc, instruction, context="", max_new_tokens=256, temperature
                 on_text(piece)
     tokens = fd.generate(model, prompt, max_new_tokens, temperature, top_k, generator,
                          autocast=autocast, on_token=on_token, output_layer=output_layer)
+    if on_text is not None and started and (tail := decoder.decode(b"", final=True)):
+        on_text(tail)  # an answer cut inside a character ends with U+FFFD, as the returned text does
     return enc.decode(tokens).strip(), fd.stop_reason(len(prompt), len(tokens), max_new_tokens, block_size)
 
 

@@ -57,10 +57,10 @@ def die_with_launcher():
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
-    LAUNCHER_PID = os.getppid()
+    LAUNCHER_PID = os.getppid()  # may be 1: torchrun as a container's first process
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if LAUNCHER_PID == 1 or os.getppid() != LAUNCHER_PID:  # it died before prctl took effect: no signal will come
+    if os.getppid() != LAUNCHER_PID:  # it died before prctl took effect: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -170,8 +170,9 @@ def build_parser():
     p.add_argument("--config", default=None, help="JSON file of flag values, e.g. config/quickstart.json; "
                    "flags on the command line win over it")
     for f in dataclasses.fields(TrainConfig):
-        if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        if f.type is bool or f.type == "bool":  # --x, and --no-x to turn off what a --config file turned on
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
     return p
@@ -466,8 +467,8 @@ def hub_files(name_or_dir):
         return tuple(hf_hub_download(name_or_dir, f) for f in HUB_FILES)
     except Exception as e:
         raise UserError(f"cannot fetch {name_or_dir} from the Hugging Face Hub ({type(e).__name__}); on an offline "
-                        f"machine, download it elsewhere (hf download {name_or_dir} --local-dir DIR) and pass "
-                        f"DIR") from None
+                        f"machine, download it elsewhere (hf download {name_or_dir} config.json model.safetensors "
+                        f"--local-dir DIR) and pass DIR") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1044,7 +1045,7 @@ def atomic_link(src, path):
 def remove_temp_files(folder):
     """Deletes what killed atomic writes left in folder (names ending in .tmpPID)."""
     for name in os.listdir(folder):
-        if TEMP_RE.search(name):
+        if TEMP_RE.search(name) and os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
 
 
@@ -1867,6 +1868,10 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
         if ckpt is None and cfg.strict_resume:
             raise UserError(f"--strict_resume: no loadable checkpoint (model_NNNNN.pt) in {cfg.log_dir}")
     existing = list_checkpoints(cfg.log_dir) if ckpt is None else []
+    best = os.path.join(cfg.log_dir, BEST_NAME)
+    if ckpt is None and not existing and os.path.isfile(best):
+        raise UserError(f"{cfg.log_dir} holds {BEST_NAME} of an earlier run, which a fresh start would overwrite: "
+                        f"continue from it with --resume --checkpoint_path {best}, or choose another --log_dir")
     if existing:  # a fresh run would overwrite them under the same names, and its rotation would delete them
         newest = os.path.basename(existing[-1][1])
         if cfg.auto_resume or cfg.resume:
@@ -1883,6 +1888,8 @@ def resolve_start(cfg, given, manifest, found=None, world_size=1):
     saved = ckpt["config"]
     merged = {k: (getattr(cfg, k) if k in given or k in LAUNCH_FIELDS or k not in saved else saved[k])
               for k in asdict(cfg)}
+    if "max_steps" in given and "num_epochs" not in given:  # a saved --num_epochs would set max_steps again
+        merged["num_epochs"] = 0.0
     changed = [f"{k}: {saved[k]} -> {merged[k]}" for k in merged
                if k in saved and k not in LAUNCH_FIELDS and saved[k] != merged[k]]
     if changed:
@@ -1930,11 +1937,17 @@ def scan_for_resume(cfg, rank, world_size):
 def set_aside_newer_checkpoints(log_dir, start_step):
     """Checkpoints newer than the one we resume from belong to the abandoned future of this run: renamed out of
     rotation and auto-resume (not deleted), so a later --auto_resume cannot jump back to them."""
-    for step, path in list_checkpoints(log_dir):
-        if step > start_step:
-            os.replace(path, path + ".superseded")
-            print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
-                   f"{os.path.basename(path)}.superseded")
+    newer = [path for step, path in list_checkpoints(log_dir) if step > start_step]
+    best = os.path.join(log_dir, BEST_NAME)
+    try:  # only its step is read (memory-mapped): the best of that future is set aside with it
+        if os.path.isfile(best) and torch.load(best, weights_only=True, mmap=True)["step"] > start_step:
+            newer.append(best)
+    except Exception:  # unreadable: the tools skip it anyway
+        pass
+    for path in newer:
+        os.replace(path, path + ".superseded")
+        print0(f"note: {os.path.basename(path)} is newer than the checkpoint resumed from; renamed to "
+               f"{os.path.basename(path)}.superseded")
 
 
 @dataclass
@@ -2066,7 +2079,7 @@ def log_start(run, decision, dtype, compiled, grad_accum, steps_per_epoch):
     log0(run, f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {decision}")
     log0(run, f"device {device} x {world_size} process(es) ({strategy}{checkpointing}) | dtype {dtype} | compile "
               f"{compiled} | model {n_params / 1e6:.2f}M params {asdict(model.config)} from {run.init_source}")
-    memory = memory_estimate(model.config, cfg, world_size, dtype)
+    memory = memory_estimate(model.config, dataclasses.replace(cfg, device=device), world_size, dtype)
     log0(run, f"memory per process (estimate): {format_memory(memory)}")
     if device.startswith("cuda") and run.rank == 0 and memory["total"] > torch.cuda.mem_get_info(device)[0]:
         log0(run, f"WARNING: this run needs about {memory['total'] / 2 ** 30:.1f} GiB per GPU, more than the "

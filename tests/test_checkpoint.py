@@ -179,8 +179,9 @@ def test_temp_files_of_killed_writes_are_removed_at_the_next_start(data_dir, tmp
     log.mkdir()
     for name in ("model_00002.pt.tmp4242", "model_best.pt.tmp4242", "loss.png.tmp4242", "notes.tmp"):
         (log / name).write_bytes(b"half")
+    (log / "hf.tmp4242").mkdir()  # a killed export's staging folder: not a file the trainer writes
     assert run_trainer(data_dir, log, "--max_steps", "1").returncode == 0
-    assert [name for name in os.listdir(log) if ".tmp" in name] == ["notes.tmp"]  # not ours: left alone
+    assert sorted(name for name in os.listdir(log) if ".tmp" in name) == ["hf.tmp4242", "notes.tmp"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(data_dir, tmp_path, reference):
@@ -391,6 +392,31 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(data_dir, tmp_pat
     assert r.returncode == 0, r.stderr
     assert [s for s, _ in fd.list_checkpoints(log)] == [2, 3]
     assert os.path.exists(log / "model_00004.pt.superseded") and os.path.exists(log / "model_00006.pt.superseded")
+    assert [m["step"] for m in read_metrics(log)] == [0, 1, 2, 3]
+    # the best of that future goes with it: the tools (chat, eval, export) must not pick a discarded model
+    assert fd.load_checkpoint(log / "model_best.pt.superseded")["step"] > 2
+    assert not os.path.exists(log / "model_best.pt") or fd.load_checkpoint(log / "model_best.pt")["step"] <= 3
+
+
+def test_a_fresh_start_will_not_overwrite_a_lone_best_checkpoint(data_dir, tmp_path, reference):
+    """A log dir that kept only model_best.pt (the others deleted to save space) still holds an earlier run."""
+    import shutil
+    log = tmp_path / "log"
+    log.mkdir()
+    shutil.copy(reference / "model_best.pt", log / "model_best.pt")
+    for extra in ((), ("--auto_resume",)):
+        r = run_trainer(data_dir, log, "--max_steps", "1", *extra)
+        assert r.returncode == 1 and "holds model_best.pt of an earlier run" in r.stderr, r.stderr
+    assert sorted(os.listdir(log)) == [".lock", "model_best.pt"]
+
+
+def test_resume_with_max_steps_extends_a_num_epochs_run(data_dir, tmp_path):
+    """--max_steps given on resume wins over the checkpoint's --num_epochs, which would set the steps again."""
+    log = tmp_path / "log"
+    assert run_trainer(data_dir, log, "--num_epochs", "0.005", "--max_steps", "1").returncode == 0
+    assert max(m["step"] for m in read_metrics(log)) == 2  # 0.005 epochs of 254.6 steps per epoch
+    r = run_trainer(data_dir, log, "--auto_resume", "--max_steps", "3")
+    assert r.returncode == 0, r.stderr
     assert [m["step"] for m in read_metrics(log)] == [0, 1, 2, 3]
 
 

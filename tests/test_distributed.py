@@ -573,3 +573,16 @@ def test_readme_memory_table_is_the_estimators(root):
     import memory_table
     with open(os.path.join(root, "README.md")) as f:
         assert memory_table.table() in f.read()
+
+
+def test_a_worker_whose_launcher_is_pid_1_starts(tmp_path):
+    """torchrun as a container's first process (PID 1) is a launcher alive, not one that already died."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    probe = subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user and PID namespaces here")
+    code = f"{sys.executable} {SCRIPT} --help > /dev/null"  # the shell is PID 1, the trainer's parent
+    r = subprocess.run(["unshare", "-Urpf", "--mount-proc", "sh", "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, env={**ENV, "TORCHELASTIC_RUN_ID": "test"}, timeout=120)
+    assert r.returncode == 0, r.stderr

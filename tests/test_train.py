@@ -408,6 +408,8 @@ def test_config_file_values_count_as_given_and_the_command_line_wins(root, tmp_p
     cfg, given = fd.parse_args(["--config", str(path)])
     assert cfg.max_lr == 1.0 and isinstance(cfg.max_lr, float) and cfg.auto_resume
     assert given == {"max_lr", "auto_resume"}
+    cfg, given = fd.parse_args(["--config", str(path), "--no-auto_resume"])  # a switch the file turned on, off
+    assert not cfg.auto_resume and "auto_resume" in given
 
 
 @pytest.mark.parametrize("text,message", [("{\"max_step\": 3}", "unknown setting 'max_step'"),
