@@ -61,7 +61,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 
 import torch
 

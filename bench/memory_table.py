@@ -23,7 +23,7 @@ SIZES = {"gpt2 (124M)": (12, 12, 768), "gpt2-medium (350M)": (24, 16, 1024), "gp
 
 def table(gpus=8, batch_size=16, sequence_length=1024):
     gib = 2 ** 30
-    head = [f"| model | state per GPU, DDP / FSDP | DDP | DDP + act. ckpt | FSDP | FSDP + act. ckpt |",
+    head = ["| model | state per GPU, DDP / FSDP | DDP | DDP + act. ckpt | FSDP | FSDP + act. ckpt |",
             "|---|---|---|---|---|---|"]
     rows = []
     for name, (n_layer, n_head, n_embd) in SIZES.items():

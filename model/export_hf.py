@@ -404,14 +404,6 @@ def write_text(path, text):
         f.write(text)
 
 
-def fsync_path(path):
-    fd_ = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd_)
-    finally:
-        os.close(fd_)
-
-
 def check_out_dir(out_dir, force, checkpoint):
     """Refuses an --out_dir that holds files (unless --force) or that would take the checkpoint with it."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -452,7 +444,7 @@ def publish(staging, out_dir, force):
         if old is not None:
             os.rename(old, out_dir)
         raise
-    fsync_path(os.path.dirname(os.path.abspath(out_dir)))
+    fd.fsync_path(os.path.dirname(os.path.abspath(out_dir)))
     if old is not None:
         shutil.rmtree(old)
 
@@ -466,8 +458,8 @@ def write_export(staging, tensors, files, block_size):
     save_file(tensors, weights, metadata={"format": "pt"})  # fixed metadata: other keys vary in order
     shutil.copymode(os.path.join(staging, "config.json"), weights)  # save_file's temp file is private (0600)
     for name in os.listdir(staging):
-        fsync_path(os.path.join(staging, name))
-    fsync_path(staging)
+        fd.fsync_path(os.path.join(staging, name))
+    fd.fsync_path(staging)
 
 
 def export(checkpoint, out_dir, dtype="float32", license=DEFAULT_LICENSE, force=False):

@@ -1009,11 +1009,16 @@ def atomic_replace(path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    fsync_path(os.path.dirname(os.path.abspath(path)))  # make the rename itself durable
+
+
+def fsync_path(path):
+    """fsync of a file or a folder by its name (a folder's fsync makes the renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def atomic_torch_save(obj, path):

@@ -389,7 +389,7 @@ def node_command(form, node_rank, nproc, port, data_dir, log_dir, *extra):
     """README's two multi-node launches, with this machine as both nodes: `static` names the node rank and the
     master's address; `c10d` is the same command on every node, with a rendezvous endpoint."""
     if form == "static":
-        launch = [f"--nnodes=2", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+        launch = ["--nnodes=2", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                   f"--master_port={port}"]
     else:
         launch = ["--nnodes=2", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
@@ -488,7 +488,7 @@ def test_workers_stop_when_the_launcher_is_killed(dolly_dir, tmp_path):
         for pid in pids.values():
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    assert not any(alive(pid) for pid in pids.values()), f"workers still running 60 s after the launcher died"
+    assert not any(alive(pid) for pid in pids.values()), "workers still running 60 s after the launcher died"
     out = tail(out_path, 10 ** 6)
     assert out.count(f"the launcher (pid {proc.pid}) is gone") == 2, out[-5000:]
     stopped_at = last_step(log)
