@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import math
+import mmap
 import os
 import pickle
 import random
@@ -36,7 +37,6 @@ import time
 import struct
 import threading
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -80,6 +80,11 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
+
+try:  # zlib-ng's CRC-32 runs on SIMD instructions, at the speed memory is read; the standard library's does not
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # an install without it (requirements.txt lists it): the same checks, slower
+    from zlib import crc32
 
 from prepare_dolly import EOT, VOCAB_SIZE, DataError, format_prompt, get_tokenizer
 
@@ -652,37 +657,35 @@ def safe_torch_load(path, map_location="cpu", mmap=False):
 
 def damaged_records(path):
     """The names of the records of a zip archive (what torch.save writes) whose bytes do not match the CRC-32 the
-    archive keeps for each (torch.load never checks them). Records are checked in parallel: zlib.crc32 and
-    os.pread release the GIL."""
+    archive keeps for each (torch.load never checks them). The file is mapped, not read, and records are checked in
+    parallel: crc32 releases the GIL."""
     with zipfile.ZipFile(path) as archive:
         records = sorted(archive.infolist(), key=lambda info: -info.compress_size)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        data = memoryview(mapped)
 
-    def damaged(info):
-        if info.compress_type != zipfile.ZIP_STORED:  # torch.save stores records uncompressed; others: zipfile
-            with zipfile.ZipFile(path) as archive, archive.open(info) as f:
-                try:
-                    while f.read(2 ** 24):
-                        pass
-                except zipfile.BadZipFile:
-                    return True
-            return False
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            header = os.pread(fd, 30, info.header_offset)  # the local file header, then the name and extra field
+        def damaged(info):
+            if info.compress_type != zipfile.ZIP_STORED:  # torch.save stores records uncompressed; others: zipfile
+                with zipfile.ZipFile(path) as archive, archive.open(info) as f:
+                    try:
+                        while f.read(2 ** 24):
+                            pass
+                    except zipfile.BadZipFile:
+                        return True
+                return False
+            header = bytes(data[info.header_offset:info.header_offset + 30])  # local file header: name, extra follow
+            if len(header) < 30:
+                return True
             name_len, extra_len = struct.unpack("<HH", header[26:30])
-            position, left, crc = info.header_offset + 30 + name_len + extra_len, info.compress_size, 0
-            while left > 0:
-                chunk = os.pread(fd, min(left, 2 ** 24), position)
-                if not chunk:
-                    return True  # shorter than the archive says
-                crc = zlib.crc32(chunk, crc)
-                position, left = position + len(chunk), left - len(chunk)
-        finally:
-            os.close(fd)
-        return crc != info.CRC
+            start = info.header_offset + 30 + name_len + extra_len
+            with data[start:start + info.compress_size] as record:
+                return len(record) != info.compress_size or crc32(record) != info.CRC
 
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        return [info.filename for info, bad in zip(records, pool.map(damaged, records)) if bad]
+        try:
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                return [info.filename for info, bad in zip(records, pool.map(damaged, records)) if bad]
+        finally:
+            data.release()
 
 
 def strip_wrapper_prefixes(sd):

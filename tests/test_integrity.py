@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -50,6 +51,21 @@ def test_a_flipped_byte_is_named_and_a_clean_file_passes(run4, tmp_path):
     torch.load(path, weights_only=True)  # what torch.load alone does: no error, wrong weights
     with pytest.raises(fd.UserError, match=f"damaged: record {record} does not match the CRC-32"):
         fd.load_checkpoint(path)
+
+
+def test_the_check_computes_zips_crc32(run4, tmp_path, monkeypatch):
+    """fd.crc32 (zlib-ng's when installed) is the zip archive's CRC-32; with the standard library's (an install
+    without zlib-ng) the check names the same record."""
+    data = os.urandom(3 << 20)
+    assert fd.crc32(data) == zlib.crc32(data) and fd.crc32(data[1:]) == zlib.crc32(data[1:])
+    path = str(tmp_path / "model.pt")
+    shutil.copy(run4 / "steps4" / "model_00004.pt", path)
+    with zipfile.ZipFile(path) as archive:  # a small record: a weight's, or its AdamW state's
+        small = min((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.compress_size)
+    record = flip_byte(path, small.filename)
+    assert fd.damaged_records(path) == [record]
+    monkeypatch.setattr(fd, "crc32", zlib.crc32)
+    assert fd.damaged_records(path) == [record]
 
 
 def test_auto_resume_skips_a_flipped_newest_checkpoint(run4, data_dir, tmp_path):
