@@ -442,12 +442,15 @@ class GPT(nn.Module):
 HUB_FILES = ("config.json", "model.safetensors")
 
 
-def empty_gpt(config):
+def empty_gpt(config, device="cpu"):
     """A GPT with room for its weights but no random init (which takes seconds at 124M), for weights about to be
-    loaded: every tensor is then filled by load_state_dict_checked."""
+    loaded: every tensor is then filled by load_state_dict_checked. On the meta device it holds no memory at all,
+    for load_state_dict_checked(..., assign=True)."""
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device="cpu")
+    if device == "meta":
+        return model
+    model.to_empty(device=device)
     model.transformer.wte.weight = model.lm_head.weight  # to_empty makes a new tensor per module: tie them again
     return model
 
@@ -693,8 +696,9 @@ def strip_wrapper_prefixes(sd):
     return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
 
 
-def load_state_dict_checked(model, sd, source):
-    """Loads sd into model after checking every key and shape; names each mismatch."""
+def load_state_dict_checked(model, sd, source, assign=False):
+    """Loads sd into model after checking every key and shape; names each mismatch. assign: the model takes sd's
+    tensors themselves instead of copies (into an empty_gpt(config, "meta"))."""
     sd = strip_wrapper_prefixes(sd)
     sd = {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}  # nanoGPT's causal-mask buffer
     if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
@@ -708,7 +712,11 @@ def load_state_dict_checked(model, sd, source):
         parts = ([f"missing keys {missing[:8]}"] if missing else []) + \
                 ([f"unexpected keys {unexpected[:8]}"] if unexpected else []) + shapes[:8]
         raise UserError(f"{source} does not fit the GPT-2 model: " + "; ".join(parts))
-    model.load_state_dict(sd)
+    if assign:  # the model's weights are float32, as a copy into them would make them
+        sd = {k: v if v.dtype == torch.float32 else v.float() for k, v in sd.items()}
+    model.load_state_dict(sd, assign=assign)
+    if assign:
+        model.transformer.wte.weight = model.lm_head.weight  # tied again, as in GPT.__init__
 
 
 def is_hub_source(src):
@@ -716,14 +724,15 @@ def is_hub_source(src):
     return src in HUB_MODELS or (os.path.isdir(src) and os.path.isfile(os.path.join(src, "config.json")))
 
 
-def load_pretrained(cfg):
-    """Returns (model, init source). The guide's order after fine-tune checkpoints: pretrained file -> random init."""
+def load_pretrained(cfg, mapped=False):
+    """Returns (model, init source). The guide's order after fine-tune checkpoints: pretrained file -> random init.
+    mapped: a checkpoint file's weights stay in the mapped file (see model_from_checkpoint)."""
     src = cfg.pretrained_checkpoint
     if is_hub_source(src):
         return GPT.from_pretrained(src), f"hub:{src}"
     if src.lower() not in ("", "none") and os.path.isfile(src):
         try:
-            ckpt = safe_torch_load(src)
+            ckpt = safe_torch_load(src, mmap=mapped)
         except UserError:
             raise
         except Exception as e:
@@ -732,8 +741,8 @@ def load_pretrained(cfg):
             if not isinstance(ckpt, dict):
                 raise UserError(f"{src}: expected a checkpoint dict or state dict, got {type(ckpt).__name__}")
             sd = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-            model = empty_gpt(model_config_from_checkpoint(ckpt, sd, src))
-            load_state_dict_checked(model, sd, src)
+            model = empty_gpt(model_config_from_checkpoint(ckpt, sd, src), "meta" if mapped else "cpu")
+            load_state_dict_checked(model, sd, src, assign=mapped)
             step = f", pretrained step {ckpt['step']}" if isinstance(ckpt.get("step"), int) else ""
             return model, f"pretrained:{src}{step}"
     else:
@@ -1116,10 +1125,11 @@ def load_checkpoint(path, mmap=False):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, path):
-    """The GPT of a fine-tune checkpoint that load_checkpoint accepted."""
-    model = empty_gpt(GPTConfig(**ckpt["model_config"]))
-    load_state_dict_checked(model, ckpt["model"], path)
+def model_from_checkpoint(ckpt, path, mapped=False):
+    """The GPT of a fine-tune checkpoint that load_checkpoint accepted. mapped: its weights are the checkpoint's
+    tensors, not copies (with load_checkpoint(..., mmap=True): read from the file where they are used)."""
+    model = empty_gpt(GPTConfig(**ckpt["model_config"]), "meta" if mapped else "cpu")
+    load_state_dict_checked(model, ckpt["model"], path, assign=mapped)
     return model
 
 
@@ -1193,31 +1203,32 @@ class LoadedModel:
     checkpoint: dict | None = None  # a fine-tune checkpoint's metadata (no weights or optimizer state), else None
 
 
-def load_model(spec):
+def load_model(spec, mapped=False):
     """Any model the tools accept: a fine-tune checkpoint; a fine-tune log dir (pick_checkpoint); a build-nanogpt
     checkpoint or bare state dict; a Hub name (gpt2, ...) or a Hugging Face folder. Raises UserError saying what is
-    wrong with it (NaN/inf weights included)."""
+    wrong with it (NaN/inf weights included). mapped: the weights of a checkpoint file stay in the mapped file
+    (model_from_checkpoint), for a tool that reads them once."""
     if os.path.isdir(spec) and not is_hub_source(spec):
         path, ckpt = pick_checkpoint(spec)
-        return loaded_finetune(path, ckpt)
+        return loaded_finetune(path, ckpt, mapped)
     if not is_hub_source(spec):
         if not os.path.isfile(spec):
             raise UserError(f"{spec}: no such file; pass a fine-tune checkpoint "
                             f"(logs_finetune/model_best.pt), its log dir, a build-nanogpt checkpoint "
                             f"(logs/model_19072.pt), a Hugging Face folder or a Hub name ({', '.join(HUB_MODELS)})")
         try:
-            return loaded_finetune(spec, load_checkpoint(spec, mmap=True))
+            return loaded_finetune(spec, load_checkpoint(spec, mmap=True), mapped)
         except UserError as e:
             if "not a full fine-tune checkpoint" not in str(e):
                 raise  # empty, truncated, unsafe or from another format version: the message says which
     # build-nanogpt's checkpoint, a state dict, a Hub model: the trainer's pretrained loader (strict: no random init)
-    model, source = load_pretrained(TrainConfig(pretrained_checkpoint=spec, strict_resume=True))
+    model, source = load_pretrained(TrainConfig(pretrained_checkpoint=spec, strict_resume=True), mapped)
     check_finite(model, spec)
     return LoadedModel(model.eval(), source, spec)
 
 
-def loaded_finetune(path, ckpt):
-    model = model_from_checkpoint(ckpt, path)
+def loaded_finetune(path, ckpt, mapped=False):
+    model = model_from_checkpoint(ckpt, path, mapped)
     check_finite(model, path)
     val = f", val loss {ckpt['val_loss']:.4f}" if isinstance(ckpt.get("val_loss"), float) else ""
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}

@@ -216,6 +216,23 @@ def test_a_log_dir_means_its_best_checkpoint_else_the_newest_that_loads(tiny_run
         chat.load_model(logs)
 
 
+def test_a_mapped_model_is_the_copied_one(tiny_run, tmp_path):
+    """load_model(mapped=True), the export's: the weights stay in the mapped checkpoint file, tied and in float32 as
+    in a copied model; for a fine-tune checkpoint and for a bare bfloat16 state dict of a compiled model."""
+    bare = str(tmp_path / "bf16.pt")
+    torch.save({"_orig_mod." + k: v.to(torch.bfloat16) for k, v in fd.load_model(tiny_run).model.state_dict().items()},
+               bare)
+    for path in (tiny_run, bare):
+        copied, mapped = fd.load_model(path).model, fd.load_model(path, mapped=True).model
+        assert mapped.transformer.wte.weight is mapped.lm_head.weight
+        assert all(p.dtype == torch.float32 and not p.is_meta for p in mapped.parameters())
+        assert copied.state_dict().keys() == mapped.state_dict().keys()
+        assert all(torch.equal(v, mapped.state_dict()[k]) for k, v in copied.state_dict().items())
+        ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(copied(ids)[0], mapped(ids)[0])
+
+
 def test_chat_streams_the_text_it_returns(tiny_run, enc):
     model, _ = chat.load_model(os.path.join(tiny_run, "model_best.pt"))
     pieces = []
