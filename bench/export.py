@@ -2,13 +2,14 @@
 Speed of model/export_hf.py on a 124M GPT-2 (12 layers, 768 wide, block 1024, vocab 50304 as build-nanogpt), random
 weights, against what any export has to do:
 
-    (a) export        export_hf.export(checkpoint, out_dir): load the checkpoint by the tools' rule (fd.load_model),
-                      convert, write model.safetensors, the tokenizer files, the configs and the model card, fsync,
-                      rename the staging folder into place
-    (b) reference     safetensors.torch.save_file of the same tensors (the converted ones (a) writes) plus
-                      export_hf.write_tokenizer into an empty folder: the bytes any export writes, without reading
-                      the checkpoint
-    (c) load only     fd.load_model(checkpoint), the first step of (a), timed apart to show its share (no goal)
+    (a) export        export_hf.export(checkpoint, out_dir): load the checkpoint by the tools' rule (fd.load_model)
+                      and check it, convert, write model.safetensors, the tokenizer files, the configs and the model
+                      card, fsync, rename the staging folder into place
+    (b) reference     safetensors.torch.save_file of the same weights, already in HF's layout (contiguous tensors made
+                      before the timing), plus export_hf.write_tokenizer into an empty folder: the bytes any export
+                      writes, without reading the checkpoint, converting or fsync
+    (c) load only     fd.load_model(checkpoint, mapped=True), the first step of (a) (with the CRC-32 check of every
+                      byte), timed apart to show its share (no goal)
 
 The checkpoint is a full fine-tune checkpoint by default (model, AdamW state, loader state, config: what
 finetune_dolly.py saves) or, with --format nanogpt, build-nanogpt's {'model', 'config', 'step', 'val_loss'}. It is
@@ -17,9 +18,9 @@ round, as a fresh process does. Rounds are interleaved (a, b, a, b, ...) after o
 Goal:
     (a) <= 1.5x (b)
 
-Run (CPU; about 1.5 minutes with the default 3 rounds; needs ~4 GB of memory and ~3 GB in --work_dir):
+Run (CPU; about a minute with the default 5 rounds; needs ~4 GB of memory and ~3 GB in --work_dir):
     python bench/export.py
-    python bench/export.py --format nanogpt --rounds 5
+    python bench/export.py --format nanogpt --rounds 9
 """
 
 import argparse
@@ -66,7 +67,7 @@ def write_checkpoint(path, fmt):
                     "optimizer": optimizer.state_dict(), "step": 6, "val_loss": 2.5, "best_val_loss": 2.5,
                     "train_loader_state": {}, "config": asdict(cfg), "init_source": "random", "init_seed": cfg.seed,
                     "data_fingerprint": "", "world_size": 1}, path)
-    return export_hf.hf_tensors(model.eval(), torch.float32)
+    return {name: t.contiguous() for name, t in export_hf.hf_tensors(model.eval()).items()}
 
 
 def reference(tensors, out_dir):
@@ -89,7 +90,7 @@ def timed(fn, out_dir):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--format", choices=["finetune", "nanogpt"], default="finetune", help="checkpoint format")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds of each")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds of each")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--work_dir", default=None, help="where the checkpoint and the exports go (default: a temp dir)")
     args = p.parse_args()
@@ -101,7 +102,7 @@ def main():
         out_dir = os.path.join(work, "out")
         methods = {"export": lambda d: export_hf.export(checkpoint, d),
                    "save_file + tokenizer": lambda d: reference(tensors, d),
-                   "load only": lambda d: os.makedirs(d) or fd.load_model(checkpoint)}
+                   "load only": lambda d: os.makedirs(d) or fd.load_model(checkpoint, mapped=True)}
         for fn in methods.values():  # untimed: first-call costs (imports, allocator)
             timed(fn, out_dir)
         seconds = {name: [] for name in methods}
@@ -111,7 +112,7 @@ def main():
         size = os.path.getsize(checkpoint) / 2 ** 20
         n_params = sum(t.numel() for t in tensors.values())
         print(f"124M ({n_params / 1e6:.1f}M exported params, fp32), a {args.format} checkpoint of {size:,.0f} MiB, "
-              f"{args.threads} thread(s), median of {args.rounds} interleaved rounds:")
+              f"{args.threads} thread(s), {fd.crc32.__module__}'s crc32, median of {args.rounds} interleaved rounds:")
         median = {name: statistics.median(s) for name, s in seconds.items()}
         for name, s in seconds.items():
             print(f"  {name:22s} {median[name]:6.2f} s (min {min(s):.2f}, max {max(s):.2f})")

@@ -36,7 +36,9 @@ import math
 import os
 import re
 import shutil
+import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 
 import torch
@@ -46,7 +48,6 @@ from prepare_dolly import (BUNDLED_RANKS, EOT, EOT_TEXT, HF_DATASET, PROMPT_TEMP
                            VOCAB_SIZE, DataError, bundled_ranks)
 
 try:
-    from safetensors.torch import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 except ImportError as e:  # an install that predates the export
     sys.exit(f"error: the export needs {e.name}; install it with `pip install -r requirements.txt`")
@@ -65,10 +66,11 @@ CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 # weights and config.json: the model as transformers' GPT2LMHeadModel holds it
 
 
-def hf_tensors(model, dtype):
-    """Our GPT's weights under GPT-2's Hugging Face names and layout, {name: contiguous tensor}. HF's GPT-2 keeps its
-    four projection matrices in Conv1D modules, stored (in, out): the transpose of nn.Linear's (out, in). lm_head is
-    left out: the config ties it to the token embedding (and safetensors refuses two names for one tensor)."""
+def hf_tensors(model):
+    """Our GPT's weights under GPT-2's Hugging Face names and layout, {name: tensor}: views of the model's weights,
+    not copies (write_safetensors lays each out as it writes it). HF's GPT-2 keeps its four projection matrices in
+    Conv1D modules, stored (in, out): the transpose of nn.Linear's (out, in). lm_head is left out: the config ties it
+    to the token embedding (and safetensors refuses two names for one tensor)."""
     if model.config.vocab_size < VOCAB_SIZE:
         raise fd.UserError(f"the model has {model.config.vocab_size:,} token embeddings, fewer than GPT-2's "
                            f"{VOCAB_SIZE:,}: not a GPT-2 this export can write")
@@ -80,13 +82,45 @@ def hf_tensors(model, dtype):
             t = t[:VOCAB_SIZE]  # build-nanogpt's padding rows (ids >= 50257) are never a token
         elif name.endswith(CONV1D_WEIGHTS):
             t = t.t()  # (in, out)
-        tensors[name] = t.detach().to(dtype).contiguous()
-    if dtype != torch.float32:  # load_model checked the fp32 weights; a cast to float16 can still overflow
-        for name, t in tensors.items():
-            if not torch.isfinite(t).all():
-                raise fd.UserError(f"{name} holds values beyond {dtype_name(dtype)}'s range (max "
-                                   f"{torch.finfo(dtype).max:.4g}); export with --dtype bfloat16 or float32")
+        tensors[name] = t.detach()
     return tensors
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(tensors, dtype, path, chunk_bytes=2 ** 21):
+    """Writes tensors (views of any layout) to path as dtype in the safetensors format, byte for byte what
+    safetensors.torch.save_file(contiguous copies, path, metadata={"format": "pt"}) writes (a test checks it): the
+    header's length in 8 bytes, the JSON header padded with spaces to a multiple of 8 bytes, then the tensors in name
+    order. A tensor that needs a transpose or a cast is laid out a chunk of rows at a time in two small buffers, so
+    the export makes no copy of the model in memory."""
+    names, header, end = sorted(tensors), {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        size = tensors[name].numel() * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [end, end + size]}
+        end += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    n = max(chunk_bytes // dtype.itemsize, *(t[0].numel() for t in tensors.values()))  # our weights: 1-D or 2-D
+    buffer, columns = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            t = tensors[name]
+            rows = max(1, n // t[0].numel())
+            for i in range(0, len(t), rows):
+                part = t[i:i + rows]
+                if not part.is_contiguous():  # rows of a transposed matrix: columns of the original, copied first
+                    block = columns[:part.numel()].view(part.t().shape).copy_(part.t())  # as row pieces
+                    part = buffer[:part.numel()].view(part.shape).copy_(block.t())  # then torch's blocked transpose
+                elif part.dtype != dtype:
+                    part = buffer[:part.numel()].view(part.shape).copy_(part)
+                if t.dtype != dtype and not torch.isfinite(part).all():  # a cast to float16 can overflow
+                    raise fd.UserError(f"{name} holds values beyond {dtype_name(dtype)}'s range (max "
+                                       f"{torch.finfo(dtype).max:.4g}); export with --dtype bfloat16 or float32")
+                f.write(part.reshape(-1).view(torch.uint8).numpy())
 
 
 def dtype_name(dtype):
@@ -449,16 +483,20 @@ def publish(staging, out_dir, force):
         shutil.rmtree(old)
 
 
-def write_export(staging, tensors, files, block_size):
-    """Writes the weights, the tokenizer and the text files into staging and makes them durable."""
-    write_tokenizer(staging, block_size)
+def write_export(staging, tensors, dtype, files, block_size):
+    """Writes the text files, the weights and the tokenizer into staging and makes them durable. The disk takes the
+    weights (fsync, in a thread: it releases the GIL) while the tokenizer is being built."""
     for name, text in files.items():
         write_text(os.path.join(staging, name), text)
     weights = os.path.join(staging, "model.safetensors")
-    save_file(tensors, weights, metadata={"format": "pt"})  # fixed metadata: other keys vary in order
-    shutil.copymode(os.path.join(staging, "config.json"), weights)  # save_file's temp file is private (0600)
+    write_safetensors(tensors, dtype, weights)
+    with ThreadPoolExecutor(1) as pool:
+        flushed = pool.submit(fd.fsync_path, weights)
+        write_tokenizer(staging, block_size)
+        flushed.result()
     for name in os.listdir(staging):
-        fd.fsync_path(os.path.join(staging, name))
+        if name != "model.safetensors":
+            fd.fsync_path(os.path.join(staging, name))
     fd.fsync_path(staging)
 
 
@@ -467,9 +505,9 @@ def export(checkpoint, out_dir, dtype="float32", license=DEFAULT_LICENSE, force=
     behind: no staging folder, out_dir untouched."""
     out_dir = os.path.normpath(out_dir)
     check_out_dir(out_dir, force, checkpoint)
-    loaded = fd.load_model(checkpoint)
+    loaded = fd.load_model(checkpoint, mapped=True)  # the weights are read once, from the mapped file
     torch_dtype = DTYPES[dtype]
-    tensors = hf_tensors(loaded.model, torch_dtype)
+    tensors = hf_tensors(loaded.model)
     config = loaded.model.config
     n_params = sum(t.numel() for t in tensors.values())
     name = os.path.basename(os.path.abspath(out_dir))
@@ -480,7 +518,7 @@ def export(checkpoint, out_dir, dtype="float32", license=DEFAULT_LICENSE, force=
     staging = f"{out_dir}.tmp{os.getpid()}"
     try:
         os.makedirs(staging)
-        write_export(staging, tensors, files, config.block_size)
+        write_export(staging, tensors, torch_dtype, files, config.block_size)
         publish(staging, out_dir, force)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)

@@ -185,15 +185,30 @@ def test_bfloat16_export(exports, sources, tmp_path):
 def test_a_vocabulary_smaller_than_gpt2s_is_a_user_error():
     model = fd.GPT(fd.GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=8))
     with pytest.raises(fd.UserError, match="100 token embeddings, fewer than GPT-2's 50,257"):
-        export_hf.hf_tensors(model, torch.float32)
+        export_hf.hf_tensors(model)
 
 
-def test_float16_overflow_is_a_user_error():
+def test_float16_overflow_is_a_user_error(tmp_path):
     model = fd.GPT(fd.GPTConfig(block_size=8, vocab_size=VOCAB_SIZE, n_layer=1, n_head=1, n_embd=8))
     with torch.no_grad():
         model.transformer.wpe.weight[0, 0] = 1e6
     with pytest.raises(fd.UserError, match="transformer.wpe.weight holds values beyond float16's range"):
-        export_hf.hf_tensors(model, torch.float16)
+        export_hf.write_safetensors(export_hf.hf_tensors(model), torch.float16, str(tmp_path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_weights_file_is_what_safetensors_writes(dtype, tmp_path):
+    """write_safetensors, which lays out the transposed views chunk by chunk, writes save_file's bytes."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = fd.GPT(fd.GPTConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=24))
+    tensors = export_hf.hf_tensors(model)
+    assert any(not t.is_contiguous() for t in tensors.values())  # the Conv1D transposes
+    save_file({k: t.to(dtype).contiguous() for k, t in tensors.items()}, str(tmp_path / "theirs"),
+              metadata={"format": "pt"})
+    for chunk_bytes in (64, 2 ** 21):  # rows wider than a chunk (a buffer of the widest row), one chunk
+        export_hf.write_safetensors(tensors, dtype, str(tmp_path / "ours"), chunk_bytes)
+        assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
 
 
 # -----------------------------------------------------------------------------
@@ -401,7 +416,7 @@ def test_force_replaces_a_folder_only_when_the_new_one_is_complete(sources, tmp_
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export_hf, "save_file", disk_full)
+    monkeypatch.setattr(export_hf, "write_safetensors", disk_full)
     assert export_hf.main(["--checkpoint", sources["random"], "--out_dir", str(out), "--force"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["old.txt"]
