@@ -18,7 +18,7 @@ round, as a fresh process does. Rounds are interleaved (a, b, a, b, ...) after o
 Goal:
     (a) <= 1.5x (b)
 
-Run (CPU; about a minute with the default 5 rounds; needs ~4 GB of memory and ~3 GB in --work_dir):
+Run (CPU; about 25 seconds with the default 5 rounds; needs ~4 GB of memory and ~3 GB in --work_dir):
     python bench/export.py
     python bench/export.py --format nanogpt --rounds 9
 """

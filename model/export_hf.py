@@ -90,11 +90,11 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 
 
 def write_safetensors(tensors, dtype, path, chunk_bytes=2 ** 21):
-    """Writes tensors (views of any layout) to path as dtype in the safetensors format, byte for byte what
-    safetensors.torch.save_file(contiguous copies, path, metadata={"format": "pt"}) writes (a test checks it): the
-    header's length in 8 bytes, the JSON header padded with spaces to a multiple of 8 bytes, then the tensors in name
-    order. A tensor that needs a transpose or a cast is laid out a chunk of rows at a time in two small buffers, so
-    the export makes no copy of the model in memory."""
+    """Writes tensors (1-D or 2-D, views such as slices and transposes) to path as dtype in the safetensors format,
+    byte for byte what safetensors.torch.save_file(contiguous copies, path, metadata={"format": "pt"}) writes (a test
+    checks it): the header's length in 8 bytes, the JSON header padded with spaces to a multiple of 8 bytes, then the
+    tensors in name order. A tensor that needs a transpose or a cast is laid out a chunk of rows at a time in two
+    small buffers, so the writer holds no copy of the model in memory."""
     names, header, end = sorted(tensors), {"__metadata__": {"format": "pt"}}, 0
     for name in names:
         size = tensors[name].numel() * dtype.itemsize
@@ -112,14 +112,16 @@ def write_safetensors(tensors, dtype, path, chunk_bytes=2 ** 21):
             rows = max(1, n // t[0].numel())
             for i in range(0, len(t), rows):
                 part = t[i:i + rows]
-                if not part.is_contiguous():  # rows of a transposed matrix: columns of the original, copied first
-                    block = columns[:part.numel()].view(part.t().shape).copy_(part.t())  # as row pieces
-                    part = buffer[:part.numel()].view(part.shape).copy_(block.t())  # then torch's blocked transpose
+                if not part.is_contiguous() or part.stride(-1) != 1:  # rows of a transposed matrix
+                    # its columns in the original, read row by row in memory order, then transposed in the buffers
+                    block = columns[:part.numel()].view(part.t().shape).copy_(part.t())
+                    part = buffer[:part.numel()].view(part.shape).copy_(block.t())
                 elif part.dtype != dtype:
                     part = buffer[:part.numel()].view(part.shape).copy_(part)
                 if t.dtype != dtype and not torch.isfinite(part).all():  # a cast to float16 can overflow
+                    instead = "float32" if dtype == torch.bfloat16 else "bfloat16 or float32"
                     raise fd.UserError(f"{name} holds values beyond {dtype_name(dtype)}'s range (max "
-                                       f"{torch.finfo(dtype).max:.4g}); export with --dtype bfloat16 or float32")
+                                       f"{torch.finfo(dtype).max:.4g}); export with --dtype {instead}")
                 f.write(part.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -505,7 +507,7 @@ def export(checkpoint, out_dir, dtype="float32", license=DEFAULT_LICENSE, force=
     behind: no staging folder, out_dir untouched."""
     out_dir = os.path.normpath(out_dir)
     check_out_dir(out_dir, force, checkpoint)
-    loaded = fd.load_model(checkpoint, mapped=True)  # the weights are read once, from the mapped file
+    loaded = fd.load_model(checkpoint, mapped=True)  # the model's weights are the mapped file's, not a copy
     torch_dtype = DTYPES[dtype]
     tensors = hf_tensors(loaded.model)
     config = loaded.model.config

@@ -24,7 +24,6 @@ import hashlib
 import inspect
 import json
 import math
-import mmap
 import os
 import pickle
 import random
@@ -41,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from mmap import ACCESS_READ, mmap as map_file
 
 # -----------------------------------------------------------------------------
 # first, before the heavy imports: a worker under torchrun stops when its launcher dies
@@ -81,7 +81,7 @@ from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
-try:  # zlib-ng's CRC-32 runs on SIMD instructions, at the speed memory is read; the standard library's does not
+try:  # zlib-ng's CRC-32 runs on SIMD instructions, at the speed memory is read; the standard library's may not
     from zlib_ng.zlib_ng import crc32
 except ImportError:  # an install without it (requirements.txt lists it): the same checks, slower
     from zlib import crc32
@@ -664,7 +664,7 @@ def damaged_records(path):
     parallel: crc32 releases the GIL."""
     with zipfile.ZipFile(path) as archive:
         records = sorted(archive.infolist(), key=lambda info: -info.compress_size)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    with open(path, "rb") as file, map_file(file.fileno(), 0, access=ACCESS_READ) as mapped:
         data = memoryview(mapped)
 
         def damaged(info):

@@ -209,6 +209,10 @@ def test_the_weights_file_is_what_safetensors_writes(dtype, tmp_path):
     for chunk_bytes in (64, 2 ** 21):  # rows wider than a chunk (a buffer of the widest row), one chunk
         export_hf.write_safetensors(tensors, dtype, str(tmp_path / "ours"), chunk_bytes)
         assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
+    for name, t in {"every_other": torch.arange(10.0)[::2], "slice": torch.randn(6, 9)[::2, ::3]}.items():
+        save_file({name: t.to(dtype).contiguous()}, str(tmp_path / "theirs"), metadata={"format": "pt"})
+        export_hf.write_safetensors({name: t}, dtype, str(tmp_path / "ours"), dtype.itemsize)  # an element a chunk
+        assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
 
 
 # -----------------------------------------------------------------------------
