@@ -60,8 +60,8 @@ def load_model(checkpoint):
 # one answer
 
 
-def respond(model, enc, instruction, context="", max_new_tokens=256, temperature=0.8, top_k=50, generator=None,
-            autocast=nullcontext(), on_text=None, output_layer=None):
+def respond(model, enc, instruction, context="", max_new_tokens=fd.MAX_NEW_TOKENS, temperature=0.8, top_k=50,
+            generator=None, autocast=nullcontext(), on_text=None, output_layer=None):
     """Samples the model's response to instruction (+ context), rendered as in training. on_text(str), if given,
     receives the text piece by piece as it is generated. Returns (response text, why it stopped: 'eot',
     'max_new_tokens' or 'block_size'). Raises fd.UserError if the prompt leaves no room in the block.
@@ -160,7 +160,7 @@ def get_args(argv=None):
     p.add_argument("--context", default="", help="context for --prompt (the Dolly 'context' field)")
     p.add_argument("--seed", type=int, default=1337,
                    help="sampling seed; the same seed and prompt give the same answer")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per answer")
+    p.add_argument("--max_new_tokens", type=int, default=fd.MAX_NEW_TOKENS, help="most tokens per answer")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")

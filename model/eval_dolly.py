@@ -63,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default="dolly15k", help="shards and manifest.json from model/prepare_dolly.py")
     p.add_argument("--max_examples", type=int, default=0,
                    help="score the first N val examples in a category-balanced order (0 = the whole val split)")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per answer")
+    p.add_argument("--max_new_tokens", type=int, default=fd.MAX_NEW_TOKENS, help="most tokens per answer")
     p.add_argument("--batch_size", type=int, default=16, help="prompts generated (and examples scored) together")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast where supported, else fp32), float32, bfloat16")

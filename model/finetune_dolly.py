@@ -93,6 +93,7 @@ from prepare_dolly import EOT, VOCAB_SIZE, DataError, format_prompt, get_tokeniz
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 EXIT_ERROR, EXIT_PREEMPTED = 1, 75
+MAX_NEW_TOKENS = 256  # the tools' default answer length (chat.py, eval_dolly.py --max_new_tokens)
 
 
 class UserError(Exception):
@@ -2266,10 +2267,10 @@ def train(cfg, given=frozenset()):
                 return EXIT_PREEMPTED
         run.stop.saved_exit_code = 0
         # answers of at most half the context, so that a model that does not stop shows as such, not as cut
-        answer_tokens = min(256, model.config.block_size // 2)
+        answer_tokens = min(MAX_NEW_TOKENS, model.config.block_size // 2)
         log0(run, f"done. Judge the fine-tune against the model it started from: python model/eval_dolly.py "
                   f"--data_dir {cfg.data_dir} --checkpoint start:{cfg.log_dir} --checkpoint {cfg.log_dir}"
-                  + (f" --max_new_tokens {answer_tokens}" if answer_tokens < 256 else ""))
+                  + (f" --max_new_tokens {answer_tokens}" if answer_tokens < MAX_NEW_TOKENS else ""))
         return 0
 
 
